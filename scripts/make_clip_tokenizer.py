@@ -40,7 +40,8 @@ def byte_symbols() -> list[str]:
 
 
 def main(source: str) -> None:
-    lines = gzip.open(source, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(source, "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

@@ -1,0 +1,191 @@
+"""The policy: a Stable Diffusion pipeline plus one trainable LoRA adapter on its UNet (peft).
+
+- The reference policy pi_ref is the same UNet with the adapter disabled (`Policy.reference()`), so
+  no second copy of the base weights is kept; a test checks it equals the base model exactly.
+- `save_adapter` writes diffusers-format `pytorch_lora_weights.safetensors` (keys prefixed `unet.`,
+  the peft config in the file's metadata) that a stock `pipeline.load_lora_weights(folder)` loads
+  unchanged; the write is atomic and returns the file's sha256.
+- `hot_swap` copies a saved adapter's tensors into the live LoRA parameters in place: no pipeline
+  reload, no new modules. It refuses a file whose keys or shapes (e.g. rank) do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import Tensor
+
+from core.diffusion.models import Pipeline
+
+ADAPTER = "densealign"
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The attention projections of every UNet attention block (self- and cross-attention), as in the paper.
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class AdapterMismatchError(ValueError):
+    """A saved adapter does not fit the policy's LoRA layout (different rank or target modules)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Shape of the trainable adapter."""
+
+    # LoRA rank r: 4 for one prompt, 32 for many prompts in the paper.
+    rank: int = 4
+    # LoRA alpha; the update is scaled by alpha / rank. None = rank (scale 1).
+    alpha: float | None = None
+    # Names of the UNet sub-modules that get an adapter (peft `target_modules`).
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0 (or None for alpha = rank), got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module")
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            init_lora_weights=True,  # A random, B zero: the policy starts equal to the reference
+            target_modules=list(self.target_modules),
+        )
+
+
+class Policy:
+    """A pipeline whose UNet carries one trainable LoRA adapter; everything else is frozen."""
+
+    def __init__(self, pipe: Pipeline, lora: LoraSettings | None = None) -> None:
+        self.pipe = pipe
+        self.lora = lora or LoraSettings()
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False)
+        pipe.unet.add_adapter(self.lora.peft_config(), adapter_name=ADAPTER)
+        self._param_by_key = {
+            name.replace(f".{ADAPTER}.", "."): param
+            for name, param in pipe.unet.named_parameters()
+            if ".lora_" in name
+        }
+        if not self._param_by_key:
+            raise ValueError(f"no UNet module matched LoRA target_modules {self.lora.target_modules}")
+        for param in self._param_by_key.values():
+            param.requires_grad_(True)
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._param_by_key.values())
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the block as pi_ref: the base UNet with the adapter switched off."""
+        self.pipe.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.pipe.unet.enable_adapters()
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The adapter in diffusers' key format, without the `unet.` prefix."""
+        peft_sd = get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)
+        return {
+            k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(peft_sd).items()
+        }
+
+    def save_adapter(self, folder: str | Path) -> tuple[Path, str]:
+        """Write `folder/pytorch_lora_weights.safetensors` atomically; returns (path, sha256 hex)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = self.pipe.unet.peft_config[ADAPTER].to_dict()
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-lora-") as tmp:
+            type(self.pipe).save_lora_weights(
+                tmp,
+                unet_lora_layers=self.adapter_state_dict(),
+                weight_name=WEIGHT_NAME,
+                unet_lora_adapter_metadata=metadata,
+            )
+            written = Path(tmp) / WEIGHT_NAME
+            with open(written, "rb+") as fh:
+                os.fsync(fh.fileno())
+            target = folder / WEIGHT_NAME
+            os.replace(written, target)
+        return target, file_sha256(target)
+
+    def hot_swap(self, source: str | Path | dict[str, Tensor], *, expected_sha256: str | None = None) -> None:
+        """Copy a saved adapter's weights into the live LoRA parameters, in place.
+
+        `source` is a folder holding pytorch_lora_weights.safetensors, that file, or a state dict in
+        the file's format (keys with or without the `unet.` prefix).
+        """
+        state = self._read_adapter(source, expected_sha256)
+        if set(state) != set(self._param_by_key):
+            missing = sorted(set(self._param_by_key) - set(state))[:3]
+            extra = sorted(set(state) - set(self._param_by_key))[:3]
+            raise AdapterMismatchError(
+                f"adapter keys do not match this policy's LoRA layout (target_modules "
+                f"{self.lora.target_modules}): missing e.g. {missing}, unexpected e.g. {extra}"
+            )
+        for key, value in state.items():
+            param = self._param_by_key[key]
+            if param.shape != value.shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor {key} has shape {tuple(value.shape)} but the policy's is "
+                    f"{tuple(param.shape)}: the adapter was trained with another LoRA rank than {self.lora.rank}"
+                )
+        with torch.no_grad():
+            for key, value in state.items():
+                self._param_by_key[key].copy_(value)
+
+    def reset_adapter(self) -> None:
+        """Make the policy equal to the base model again (version 0): zero every LoRA B matrix."""
+        with torch.no_grad():
+            for key, param in self._param_by_key.items():
+                if ".lora_B." in key:
+                    param.zero_()
+
+    def _read_adapter(
+        self, source: str | Path | dict[str, Tensor], expected_sha256: str | None
+    ) -> dict[str, Tensor]:
+        if isinstance(source, dict):
+            raw = source
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / WEIGHT_NAME
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"no adapter at {str(path)!r}: expected a {WEIGHT_NAME} or its folder"
+                )
+            if expected_sha256 is not None and file_sha256(path) != expected_sha256:
+                raise ValueError(
+                    f"adapter {str(path)!r} does not match its sha256 {expected_sha256}: file corrupt"
+                )
+            raw = load_file(str(path))
+        stripped = {(k[len("unet.") :] if k.startswith("unet.") else k): v for k, v in raw.items()}
+        return convert_unet_state_dict_to_peft(stripped)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
