@@ -1,0 +1,130 @@
+"""Handing pairs to labellers under short leases.
+
+A labeller is given a pair that (1) they have not judged, (2) still needs judgements, (3) nobody else
+holds an unexpired lease on; newest policy version first, then pairs whose overlap is already under
+way (so agreement pairs complete), then oldest. The lease is claimed with one upsert on the unique
+`leases.pair_id` whose WHERE only lets it through when the existing lease has expired or is already
+ours: the database, not this code, guarantees one live lease per pair. On Postgres the candidate scan
+also uses `FOR UPDATE SKIP LOCKED`, so concurrent requests fan out over different pairs instead of
+queueing on the same row; SQLite serialises writers, and the upsert alone is enough there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from core.db.base import utcnow
+from core.db.models import Judgement, Lease, Pair, Prompt
+
+CANDIDATES_PER_TRY = 16
+
+
+@dataclass(frozen=True)
+class Assignment:
+    pair: Pair
+    prompt_text: str
+    left_side: str  # 'a' or 'b': which trajectory the labeller sees on the left
+    expires_at: dt.datetime
+
+
+def next_pair(
+    *,
+    session: Session,
+    labeller_id: int,
+    lease_seconds: int,
+    rng: random.Random | None = None,
+    exclude: Collection[int] = (),
+    now: dt.datetime | None = None,
+) -> Assignment | None:
+    """Lease a pair to `labeller_id`, or None when the pool has nothing for them.
+
+    A live lease the labeller already holds (and does not list in `exclude`, the pairs the client is
+    already showing) is returned again, so reloading the page does not burn pairs.
+    """
+    now = now or utcnow()
+    rng = rng or random.Random()
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    held: Lease | None = session.scalars(
+        select(Lease)
+        .where(Lease.labeller_id == labeller_id, Lease.expires_at > now, Lease.pair_id.not_in(list(exclude)))
+        .where(~_judged_by(labeller_id, Lease.pair_id))
+        .order_by(Lease.id)
+        .limit(1)
+    ).first()
+    if held is not None:
+        held.expires_at = expires
+        session.flush()
+        return _assignment(session, held.pair_id, held.left_side, expires)
+    tried: set[int] = set(exclude)
+    while True:
+        candidates = _candidates(session, labeller_id, now, tried)
+        if not candidates:
+            return None
+        for pair_id in candidates:
+            tried.add(pair_id)
+            left_side = rng.choice(("a", "b"))
+            if _claim(session, pair_id, labeller_id, left_side, expires, now):
+                return _assignment(session, pair_id, left_side, expires)
+
+
+def _judged_by(
+    labeller_id: int, pair_id: ColumnElement[int] | InstrumentedAttribute[int]
+) -> ColumnElement[bool]:
+    return (
+        select(Judgement.id)
+        .where(Judgement.pair_id == pair_id, Judgement.labeller_id == labeller_id)
+        .exists()
+    )
+
+
+def _candidates(session: Session, labeller_id: int, now: dt.datetime, tried: set[int]) -> list[int]:
+    judged = select(func.count(Judgement.id)).where(Judgement.pair_id == Pair.id).scalar_subquery()
+    free = ~select(Lease.id).where(Lease.pair_id == Pair.id, Lease.expires_at > now).exists()
+    query = (
+        select(Pair.id)
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .where(Prompt.active.is_(True), judged < Pair.required_judgements, free)
+        .where(~_judged_by(labeller_id, Pair.id))
+        .order_by(Pair.policy_version.desc(), judged.desc(), Pair.id)
+    )
+    if tried:
+        query = query.where(Pair.id.not_in(list(tried)))
+    query = query.limit(CANDIDATES_PER_TRY)
+    if session.get_bind().dialect.name == "postgresql":
+        # Lock one row at a time: a locked batch would hide pairs this request never claims.
+        query = query.limit(1).with_for_update(of=Pair, skip_locked=True)
+    return list(session.scalars(query))
+
+
+def _claim(
+    session: Session, pair_id: int, labeller_id: int, left_side: str, expires: dt.datetime, now: dt.datetime
+) -> bool:
+    """Insert or take over the pair's lease row; False when someone else holds it live."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = {"pair_id": pair_id, "labeller_id": labeller_id, "left_side": left_side, "expires_at": expires}
+    upsert = insert(Lease).values(**values)
+    stmt = upsert.on_conflict_do_update(
+        index_elements=[Lease.pair_id],
+        set_={"labeller_id": labeller_id, "left_side": left_side, "expires_at": expires},
+        where=or_(Lease.expires_at <= now, Lease.labeller_id == labeller_id),
+    ).returning(Lease.id)
+    return session.execute(stmt).scalar_one_or_none() is not None
+
+
+def _assignment(session: Session, pair_id: int, left_side: str, expires: dt.datetime) -> Assignment:
+    pair = session.get_one(Pair, pair_id)
+    prompt = session.get_one(Prompt, pair.prompt_id)
+    return Assignment(pair=pair, prompt_text=prompt.text, left_side=left_side, expires_at=expires)
+
+
+def lease_for(*, session: Session, pair_id: int, labeller_id: int) -> Lease | None:
+    """The lease row on `pair_id` if it belongs to `labeller_id` (live, or expired but not re-leased)."""
+    return session.scalar(select(Lease).where(Lease.pair_id == pair_id, Lease.labeller_id == labeller_id))

@@ -1,0 +1,52 @@
+"""Judged pairs as flat rows for preference-data tools (one JSON object per judgement)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from core.db.models import Judgement, Pair, Prompt, Trajectory
+
+
+def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """Yield one dict per judgement, ordered by judgement id, with blob keys of both images."""
+    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
+    query = (
+        select(
+            Judgement.id,
+            Judgement.pair_id,
+            Judgement.labeller_id,
+            Judgement.choice,
+            Judgement.shown_left,
+            Judgement.decide_ms,
+            Judgement.created_at,
+            Pair.policy_version,
+            Prompt.id,
+            Prompt.text,
+            traj_a.image_key,
+            traj_b.image_key,
+        )
+        .join(Pair, Pair.id == Judgement.pair_id)
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(traj_a, traj_a.id == Pair.trajectory_a_id)
+        .join(traj_b, traj_b.id == Pair.trajectory_b_id)
+        .order_by(Judgement.id)
+    )
+    for row in session.execute(query.execution_options(yield_per=batch)):
+        yield {
+            "judgement_id": row[0],
+            "pair_id": row[1],
+            "labeller_id": row[2],
+            "choice": row[3],
+            "shown_left": row[4],
+            "decide_ms": row[5],
+            "created_at": row[6].isoformat(),
+            "policy_version": row[7],
+            "prompt_id": row[8],
+            "prompt": row[9],
+            "image_a_key": row[10],
+            "image_b_key": row[11],
+        }

@@ -1,0 +1,135 @@
+"""Recording and undoing judgements.
+
+Idempotency: the client picks a `client_key` per judgement. A repeat with the same key (a retry after
+a lost response) returns the judgement already stored; the unique constraint on the key settles a race
+between two identical requests, and the loser reads the winner's row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.db.assignment import Assignment, lease_for
+from core.db.base import utcnow
+from core.db.errors import (
+    AlreadyJudged,
+    ClientKeyReused,
+    JudgementNotFound,
+    PairNotLeased,
+    UndoBlocked,
+    UndoWindowPassed,
+)
+from core.db.models import CHOICES, Judgement, Lease, Prompt
+from core.db.pairs import get_pair
+
+
+@dataclass(frozen=True)
+class Recorded:
+    judgement: Judgement
+    created: bool  # False when this was a repeat of an earlier request with the same client key
+
+
+def record_judgement(
+    *,
+    session: Session,
+    labeller_id: int,
+    pair_id: int,
+    choice: str,
+    client_key: str,
+    decide_ms: int | None = None,
+) -> Recorded:
+    """Store one labeller's judgement of a pair they hold the lease on, and release the lease."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
+    if decide_ms is not None and decide_ms < 0:
+        raise ValueError(f"decide_ms {decide_ms} is negative; send the milliseconds taken to decide")
+    existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
+    if existing is not None:
+        return Recorded(existing, created=False)
+    get_pair(session=session, pair_id=pair_id)
+    if session.scalar(
+        select(Judgement.id).where(Judgement.pair_id == pair_id, Judgement.labeller_id == labeller_id)
+    ):
+        raise AlreadyJudged(pair_id, labeller_id)
+    lease = lease_for(session=session, pair_id=pair_id, labeller_id=labeller_id)
+    if lease is None:
+        raise PairNotLeased(pair_id, labeller_id)
+    judgement = Judgement(
+        pair_id=pair_id,
+        labeller_id=labeller_id,
+        choice=choice,
+        shown_left=lease.left_side,
+        decide_ms=decide_ms,
+        client_key=client_key,
+        created_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(judgement)
+            session.flush()
+            session.execute(delete(Lease).where(Lease.id == lease.id))
+    except IntegrityError:
+        # Lost a race with an identical request (same key) or a second tab (same pair).
+        existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
+        if existing is not None:
+            return Recorded(existing, created=False)
+        raise AlreadyJudged(pair_id, labeller_id) from None
+    return Recorded(judgement, created=True)
+
+
+def _by_client_key(
+    session: Session, client_key: str, labeller_id: int, pair_id: int, choice: str
+) -> Judgement | None:
+    existing = session.scalar(select(Judgement).where(Judgement.client_key == client_key))
+    if existing is None:
+        return None
+    if (existing.labeller_id, existing.pair_id, existing.choice) != (labeller_id, pair_id, choice):
+        raise ClientKeyReused(client_key)
+    return existing
+
+
+def undo_judgement(
+    *,
+    session: Session,
+    labeller_id: int,
+    judgement_id: int,
+    window_seconds: int,
+    lease_seconds: int,
+    now: dt.datetime | None = None,
+) -> Assignment:
+    """Delete a labeller's own recent judgement and lease the pair back to them, same side on the left."""
+    now = now or utcnow()
+    judgement = session.scalar(
+        select(Judgement).where(Judgement.id == judgement_id, Judgement.labeller_id == labeller_id)
+    )
+    if judgement is None:
+        raise JudgementNotFound(judgement_id)
+    if now - judgement.created_at > dt.timedelta(seconds=window_seconds):
+        raise UndoWindowPassed(judgement_id, window_seconds)
+    pair = get_pair(session=session, pair_id=judgement.pair_id)
+    expires = now + dt.timedelta(seconds=lease_seconds)
+    left_side = judgement.shown_left
+    lease = session.scalar(select(Lease).where(Lease.pair_id == pair.id).with_for_update())
+    if lease is not None and lease.labeller_id != labeller_id and lease.expires_at > now:
+        # A pair wanting several judgements may already be in front of someone else.
+        raise UndoBlocked(judgement_id)
+    session.delete(judgement)
+    session.flush()
+    if lease is None:
+        session.add(Lease(pair_id=pair.id, labeller_id=labeller_id, left_side=left_side, expires_at=expires))
+    else:
+        lease.labeller_id, lease.left_side, lease.expires_at = labeller_id, left_side, expires
+    session.flush()
+    prompt = session.get_one(Prompt, pair.prompt_id)
+    return Assignment(pair=pair, prompt_text=prompt.text, left_side=left_side, expires_at=expires)
+
+
+def last_judgement(*, session: Session, labeller_id: int) -> Judgement | None:
+    return session.scalar(
+        select(Judgement).where(Judgement.labeller_id == labeller_id).order_by(Judgement.id.desc()).limit(1)
+    )

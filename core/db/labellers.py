@@ -1,0 +1,125 @@
+"""Labellers, invites and bearer tokens.
+
+Tokens are 256-bit random strings; only their sha256 is stored. A fast hash is enough for
+high-entropy tokens (nothing to brute-force) and keeps lookup by hash a single indexed query;
+argon2 would be needed only for human-chosen passwords, which DenseAlign does not use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db.base import utcnow
+from core.db.errors import InviteInvalid, LabellerNameTaken, LabellerNotFound
+from core.db.models import ROLES, Invite, Labeller
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    labeller: Labeller
+    token: str  # shown once; only its hash is stored
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+
+
+def create_labeller(*, session: Session, name: str, role: str = "annotator") -> IssuedToken:
+    """Create a labeller directly (CLI bootstrap, tests) and return its one-time-visible token."""
+    _check_role(role)
+    if session.scalar(select(Labeller.id).where(Labeller.name == name)) is not None:
+        raise LabellerNameTaken(name)
+    token = new_token()
+    labeller = Labeller(name=name, role=role, active=True, token_hash=hash_token(token))
+    session.add(labeller)
+    session.flush()
+    return IssuedToken(labeller=labeller, token=token)
+
+
+def create_invite(
+    *, session: Session, name: str, role: str, ttl: dt.timedelta, created_by_id: int | None = None
+) -> tuple[Invite, str]:
+    """Create a one-time invite; returns the row and the secret to put in the link."""
+    _check_role(role)
+    if session.scalar(select(Labeller.id).where(Labeller.name == name)) is not None:
+        raise LabellerNameTaken(name)
+    secret = new_token()
+    invite = Invite(
+        token_hash=hash_token(secret),
+        name=name,
+        role=role,
+        created_by_id=created_by_id,
+        expires_at=utcnow() + ttl,
+    )
+    session.add(invite)
+    session.flush()
+    return invite, secret
+
+
+def find_invite(*, session: Session, secret: str) -> Invite:
+    """The unused, unexpired invite with this secret, or InviteInvalid."""
+    invite = session.scalar(select(Invite).where(Invite.token_hash == hash_token(secret)))
+    if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
+        raise InviteInvalid()
+    return invite
+
+
+def accept_invite(*, session: Session, secret: str) -> IssuedToken:
+    """Turn an invite into a labeller exactly once (the row lock stops a double accept on Postgres)."""
+    invite = session.scalar(select(Invite).where(Invite.token_hash == hash_token(secret)).with_for_update())
+    if invite is None or invite.used_at is not None or invite.expires_at <= utcnow():
+        raise InviteInvalid()
+    issued = create_labeller(session=session, name=invite.name, role=invite.role)
+    invite.used_at = utcnow()
+    invite.labeller_id = issued.labeller.id
+    session.flush()
+    return issued
+
+
+def labeller_by_token(*, session: Session, token: str) -> Labeller | None:
+    """The active labeller holding this bearer token, or None."""
+    return session.scalar(
+        select(Labeller).where(Labeller.token_hash == hash_token(token), Labeller.active.is_(True))
+    )
+
+
+def get_labeller(*, session: Session, labeller_id: int) -> Labeller:
+    labeller = session.get(Labeller, labeller_id)
+    if labeller is None:
+        raise LabellerNotFound(labeller_id)
+    return labeller
+
+
+def rotate_token(*, session: Session, labeller_id: int) -> str:
+    """Issue a new bearer token, invalidating the old one."""
+    labeller = get_labeller(session=session, labeller_id=labeller_id)
+    token = new_token()
+    labeller.token_hash = hash_token(token)
+    session.flush()
+    return token
+
+
+def set_labeller_active(*, session: Session, labeller_id: int, active: bool) -> Labeller:
+    labeller = get_labeller(session=session, labeller_id=labeller_id)
+    labeller.active = active
+    session.flush()
+    return labeller
+
+
+def list_labellers(*, session: Session) -> list[Labeller]:
+    return list(session.scalars(select(Labeller).order_by(Labeller.id)))

@@ -1,0 +1,189 @@
+"""Tables of the labelling loop. Postgres is the source of truth; large arrays live in the blob store
+and are referenced here by key only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db.base import Base, UTCDateTime, utcnow
+
+ROLES = ("annotator", "admin")
+SPLITS = ("train", "eval")
+CHOICES = ("a", "b", "tie", "skip")
+SIDES = ("a", "b")
+ROUND_STATUSES = ("running", "done", "failed")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Labeller(Base):
+    """A person (or a programmatic stand-in) who judges pairs; admins also manage the deployment."""
+
+    __tablename__ = "labellers"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="annotator")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # sha256 hex of the bearer token; the token itself is shown once and never stored.
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Invite(Base):
+    """A one-time link with which an admin lets a new labeller in."""
+
+    __tablename__ = "invites"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16), default="annotator")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("labellers.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    labeller_id: Mapped[int | None] = mapped_column(ForeignKey("labellers.id"))
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (CheckConstraint(_in("split", SPLITS), name="split"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    split: Mapped[str] = mapped_column(String(8), default="train")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PolicyVersion(Base):
+    """An immutable published policy: version 0 is the base model, each later one a LoRA adapter."""
+
+    __tablename__ = "policy_versions"
+    __table_args__ = (
+        CheckConstraint("version >= 0", name="version_non_negative"),
+        CheckConstraint(
+            "version = 0 OR (lora_key IS NOT NULL AND lora_sha256 IS NOT NULL)", name="lora_after_base"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, unique=True)
+    parent_version: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.version"))
+    lora_key: Mapped[str | None] = mapped_column(String(255))
+    lora_sha256: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CurrentPolicy(Base):
+    """Single-row pointer to the version workers sample with; moving it back is a rollback."""
+
+    __tablename__ = "current_policy"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, default=1)
+    version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Trajectory(Base):
+    """One sampled denoising trajectory; its latents, log-probs and final image are blobs."""
+
+    __tablename__ = "trajectories"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    policy_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    sampler: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    latents_key: Mapped[str | None] = mapped_column(String(255))
+    log_probs_key: Mapped[str | None] = mapped_column(String(255))
+    image_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Pair(Base):
+    """Two trajectories of one prompt and one policy version, shown side by side to labellers."""
+
+    __tablename__ = "pairs"
+    __table_args__ = (
+        CheckConstraint("required_judgements >= 1", name="required_judgements_positive"),
+        CheckConstraint("trajectory_a_id <> trajectory_b_id", name="distinct_trajectories"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    policy_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"), index=True)
+    trajectory_a_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
+    trajectory_b_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
+    required_judgements: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Judgement(Base):
+    __tablename__ = "judgements"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "labeller_id"),
+        CheckConstraint(_in("choice", CHOICES), name="choice"),
+        CheckConstraint(_in("shown_left", SIDES), name="shown_left"),
+        CheckConstraint("decide_ms IS NULL OR decide_ms >= 0", name="decide_ms_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), index=True)
+    labeller_id: Mapped[int] = mapped_column(ForeignKey("labellers.id"), index=True)
+    choice: Mapped[str] = mapped_column(String(8))
+    # Which trajectory ('a' or 'b') was on the left, to measure and correct side bias.
+    shown_left: Mapped[str] = mapped_column(String(1))
+    decide_ms: Mapped[int | None] = mapped_column(Integer)
+    # Chosen by the client; a repeated POST with the same key records nothing new.
+    client_key: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Lease(Base):
+    """Who a pair is reserved for right now; at most one row per pair, reused when it expires."""
+
+    __tablename__ = "leases"
+    __table_args__ = (CheckConstraint(_in("left_side", SIDES), name="left_side"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), unique=True)
+    labeller_id: Mapped[int] = mapped_column(ForeignKey("labellers.id"), index=True)
+    left_side: Mapped[str] = mapped_column(String(1))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class TrainingRound(Base):
+    __tablename__ = "training_rounds"
+    __table_args__ = (CheckConstraint(_in("status", ROUND_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"))
+    produced_version: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.version"))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    pairs_used: Mapped[int] = mapped_column(Integer, default=0)
+    judgements_used: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -1,0 +1,95 @@
+"""Trajectories and the pairs built from them."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db.errors import PairInvalid, PairNotFound
+from core.db.models import Pair, Trajectory
+from core.db.policies import get_policy_version
+from core.db.prompts import get_prompt
+
+
+def required_judgements(
+    *, rng: random.Random, overlap_k: int, agreement_k: int, agreement_share: float
+) -> int:
+    """How many labellers should judge a new pair: `agreement_k` for a random share, else `overlap_k`."""
+    return agreement_k if rng.random() < agreement_share else overlap_k
+
+
+def create_trajectory(
+    *,
+    session: Session,
+    prompt_id: int,
+    policy_version: int,
+    seed: int,
+    image_key: str,
+    sampler: dict[str, Any] | None = None,
+    latents_key: str | None = None,
+    log_probs_key: str | None = None,
+) -> Trajectory:
+    get_prompt(session=session, prompt_id=prompt_id)
+    get_policy_version(session=session, version=policy_version)
+    row = Trajectory(
+        prompt_id=prompt_id,
+        policy_version=policy_version,
+        seed=seed,
+        sampler=sampler or {},
+        image_key=image_key,
+        latents_key=latents_key,
+        log_probs_key=log_probs_key,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int, required: int = 1) -> Pair:
+    """Pair two trajectories of the same prompt and policy version."""
+    if required < 1:
+        raise ValueError(f"required judgements {required} must be at least 1")
+    a = session.get(Trajectory, trajectory_a_id)
+    b = session.get(Trajectory, trajectory_b_id)
+    if a is None or b is None:
+        missing = trajectory_a_id if a is None else trajectory_b_id
+        raise PairInvalid(f"trajectory {missing} does not exist; insert both trajectories before the pair")
+    if a.id == b.id:
+        raise PairInvalid(f"trajectory {a.id} given twice; a pair needs two different trajectories")
+    if (a.prompt_id, a.policy_version) != (b.prompt_id, b.policy_version):
+        raise PairInvalid(
+            f"trajectories {a.id} (prompt {a.prompt_id}, version {a.policy_version}) and {b.id} "
+            f"(prompt {b.prompt_id}, version {b.policy_version}) differ; a pair needs one prompt "
+            "and one version"
+        )
+    pair = Pair(
+        prompt_id=a.prompt_id,
+        policy_version=a.policy_version,
+        trajectory_a_id=a.id,
+        trajectory_b_id=b.id,
+        required_judgements=required,
+    )
+    session.add(pair)
+    session.flush()
+    return pair
+
+
+def get_pair(*, session: Session, pair_id: int) -> Pair:
+    pair = session.get(Pair, pair_id)
+    if pair is None:
+        raise PairNotFound(pair_id)
+    return pair
+
+
+def pair_trajectory(*, session: Session, pair_id: int, side: str) -> Trajectory:
+    """The trajectory on side 'a' or 'b' of a pair."""
+    pair = get_pair(session=session, pair_id=pair_id)
+    if side not in ("a", "b"):
+        raise ValueError(f"side {side!r} is not 'a' or 'b'")
+    trajectory_id = pair.trajectory_a_id if side == "a" else pair.trajectory_b_id
+    trajectory = session.scalar(select(Trajectory).where(Trajectory.id == trajectory_id))
+    assert trajectory is not None  # foreign key
+    return trajectory

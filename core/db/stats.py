@@ -1,0 +1,117 @@
+"""Read-only figures for the dashboard, the progress counter and the labeller table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.db.base import utcnow
+from core.db.models import Judgement, Labeller, Lease, Pair, Prompt
+
+
+def queue_depth(*, session: Session, now: dt.datetime | None = None) -> int:
+    """Pairs of active prompts that still need judgements and are not leased right now."""
+    now = now or utcnow()
+    judged = select(func.count(Judgement.id)).where(Judgement.pair_id == Pair.id).scalar_subquery()
+    leased = select(Lease.id).where(Lease.pair_id == Pair.id, Lease.expires_at > now).exists()
+    query = (
+        select(func.count(Pair.id))
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .where(Prompt.active.is_(True), judged < Pair.required_judgements, ~leased)
+    )
+    return int(session.scalar(query) or 0)
+
+
+def labels_per_hour(*, session: Session, hours: int = 24, now: dt.datetime | None = None) -> list[int]:
+    """Judgement counts for each of the last `hours` whole hours, oldest first (last = current hour)."""
+    now = now or utcnow()
+    top = now.replace(minute=0, second=0, microsecond=0)
+    start = top - dt.timedelta(hours=hours - 1)
+    counts = [0] * hours
+    for created in session.scalars(select(Judgement.created_at).where(Judgement.created_at >= start)):
+        index = int((created - start).total_seconds() // 3600)
+        if 0 <= index < hours:
+            counts[index] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Progress:
+    today: int
+    total: int
+
+
+def labeller_progress(*, session: Session, labeller_id: int, now: dt.datetime | None = None) -> Progress:
+    """Judgements by one labeller since 00:00 UTC today, and ever."""
+    now = now or utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    mine = select(func.count(Judgement.id)).where(Judgement.labeller_id == labeller_id)
+    total = int(session.scalar(mine) or 0)
+    today = int(session.scalar(mine.where(Judgement.created_at >= midnight)) or 0)
+    return Progress(today=today, total=total)
+
+
+@dataclass(frozen=True)
+class LabellerStats:
+    labeller_id: int
+    name: str
+    role: str
+    active: bool
+    judgements: int
+    # Share of this labeller's a/b/tie votes on overlapped pairs that match the pair's majority
+    # (None when they judged no pair that has a strict majority among >= 2 votes).
+    agreement: float | None
+    overlapped: int
+    # Share of a/b choices that picked the image shown on the left (0.5 = no side bias).
+    left_share: float | None
+
+
+def labeller_stats(*, session: Session) -> list[LabellerStats]:
+    """Counts, agreement with the majority and side bias for every labeller.
+
+    Computed in Python over all judgements: fine for hundreds of thousands of rows; move the majority
+    into SQL if the table grows past that.
+    """
+    rows = session.execute(
+        select(Judgement.pair_id, Judgement.labeller_id, Judgement.choice, Judgement.shown_left)
+    ).all()
+    votes: dict[int, Counter[str]] = defaultdict(Counter)
+    for pair_id, _, choice, _ in rows:
+        if choice != "skip":
+            votes[pair_id][choice] += 1
+    majority: dict[int, str] = {}
+    for pair_id, counter in votes.items():
+        ranked = counter.most_common(2)
+        if sum(counter.values()) >= 2 and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
+            majority[pair_id] = ranked[0][0]
+    per: dict[int, dict[str, int]] = defaultdict(Counter)
+    for pair_id, labeller_id, choice, shown_left in rows:
+        tally = per[labeller_id]
+        tally["total"] += 1
+        if choice in ("a", "b"):
+            tally["sided"] += 1
+            tally["left"] += int(choice == shown_left)
+        if pair_id in majority and choice != "skip":
+            tally["overlapped"] += 1
+            tally["agree"] += int(choice == majority[pair_id])
+    result = []
+    for labeller in session.scalars(select(Labeller).order_by(Labeller.id)):
+        tally = per.get(labeller.id, {})
+        overlapped, sided = tally.get("overlapped", 0), tally.get("sided", 0)
+        result.append(
+            LabellerStats(
+                labeller_id=labeller.id,
+                name=labeller.name,
+                role=labeller.role,
+                active=labeller.active,
+                judgements=tally.get("total", 0),
+                agreement=tally.get("agree", 0) / overlapped if overlapped else None,
+                overlapped=overlapped,
+                left_share=tally.get("left", 0) / sided if sided else None,
+            )
+        )
+    return result

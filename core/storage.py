@@ -1,0 +1,103 @@
+"""Blob store addressed by key: latents, log-probs, images and LoRA files never go into the database.
+
+`LocalBlobStore` keeps blobs under one directory; writes go to a temporary file in the destination
+directory and are renamed into place, so a reader never sees half a blob and a crash leaves only a
+stray temp file. Any other backend (an S3-compatible bucket) implements the `BlobStore` protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+# Slash-separated segments of letters, digits, '.', '_' and '-', none starting with '.', so no key
+# can be absolute, climb out with '..' or name a hidden file.
+_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+MAX_KEY_LENGTH = 255
+
+
+class InvalidBlobKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"blob key {key!r} is invalid: use up to {MAX_KEY_LENGTH} characters of slash-separated segments "
+            "of letters, digits, '.', '_' and '-', no segment starting with '.'"
+        )
+
+
+class BlobNotFound(KeyError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no blob with key {key!r}; it was never written or has been deleted")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def validate_key(key: str) -> str:
+    if len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
+        raise InvalidBlobKey(key)
+    return key
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, data: bytes) -> str:
+        """Store `data` under `key` (replacing any blob there); returns its sha256 hex digest."""
+        ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path to the blob when the backend has one (lets the web app stream files)."""
+        ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def put(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return hashlib.sha256(data).hexdigest()
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as handle:
+            return handle.read()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        return path if path.is_file() else None

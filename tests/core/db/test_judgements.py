@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.db.assignment import next_pair
+from core.db.base import utcnow
+from core.db.errors import (
+    AlreadyJudged,
+    ClientKeyReused,
+    PairNotFound,
+    PairNotLeased,
+    UndoBlocked,
+    UndoWindowPassed,
+)
+from core.db.judgements import record_judgement, undo_judgement
+from core.db.models import Judgement, Labeller, Lease, Pair
+
+
+def _count(session: Session) -> int:
+    return int(session.scalar(select(func.count(Judgement.id))) or 0)
+
+
+def test_records_choice_and_shown_side_and_releases_lease(
+    session: Session, labeller: Labeller, pair: Pair
+) -> None:
+    got = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
+    assert got is not None
+    done = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="b", client_key="k1", decide_ms=812
+    )
+    assert done.created
+    row = session.get_one(Judgement, done.judgement.id)
+    assert (row.choice, row.shown_left, row.decide_ms) == ("b", got.left_side, 812)
+    assert session.scalar(select(Lease).where(Lease.pair_id == pair.id)) is None
+
+
+def test_repeat_with_same_client_key_records_once(session: Session, labeller: Labeller, pair: Pair) -> None:
+    next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
+    first = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="a", client_key="same"
+    )
+    again = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="a", client_key="same"
+    )
+    assert first.created and not again.created
+    assert again.judgement.id == first.judgement.id and _count(session) == 1
+
+
+def test_client_key_reused_for_another_choice_is_refused(
+    session: Session, labeller: Labeller, pair: Pair
+) -> None:
+    next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
+    record_judgement(session=session, labeller_id=labeller.id, pair_id=pair.id, choice="a", client_key="k")
+    with pytest.raises(ClientKeyReused, match="'k'"):
+        record_judgement(
+            session=session, labeller_id=labeller.id, pair_id=pair.id, choice="b", client_key="k"
+        )
+    with pytest.raises(AlreadyJudged, match=f"pair {pair.id}"):
+        record_judgement(
+            session=session, labeller_id=labeller.id, pair_id=pair.id, choice="b", client_key="k2"
+        )
+    assert _count(session) == 1
+
+
+def test_bad_inputs_write_nothing(
+    session: Session, make_labeller: Callable[..., tuple[Labeller, str]], pair: Pair
+) -> None:
+    holder, other = make_labeller()[0], make_labeller()[0]
+    next_pair(session=session, labeller_id=holder.id, lease_seconds=60)
+    with pytest.raises(PairNotFound, match="pair 999999"):
+        record_judgement(session=session, labeller_id=holder.id, pair_id=999999, choice="a", client_key="x1")
+    with pytest.raises(PairNotLeased, match=f"pair {pair.id} is not leased to labeller {other.id}"):
+        record_judgement(session=session, labeller_id=other.id, pair_id=pair.id, choice="a", client_key="x2")
+    with pytest.raises(ValueError, match="'left' is not one of a, b, tie, skip"):
+        record_judgement(
+            session=session, labeller_id=holder.id, pair_id=pair.id, choice="left", client_key="x3"
+        )
+    assert _count(session) == 0
+
+
+def test_undo_within_window_gives_pair_back_with_same_side(
+    session: Session, labeller: Labeller, pair: Pair
+) -> None:
+    got = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
+    assert got is not None
+    done = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="a", client_key="u"
+    )
+    back = undo_judgement(
+        session=session,
+        labeller_id=labeller.id,
+        judgement_id=done.judgement.id,
+        window_seconds=15,
+        lease_seconds=60,
+    )
+    assert back.pair.id == pair.id and back.left_side == got.left_side and _count(session) == 0
+    redo = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="b", client_key="u2"
+    )
+    assert redo.created and redo.judgement.choice == "b"
+
+
+def test_undo_after_window_is_refused(session: Session, labeller: Labeller, pair: Pair) -> None:
+    next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
+    done = record_judgement(
+        session=session, labeller_id=labeller.id, pair_id=pair.id, choice="a", client_key="u"
+    )
+    with pytest.raises(UndoWindowPassed, match="15 s"):
+        undo_judgement(
+            session=session,
+            labeller_id=labeller.id,
+            judgement_id=done.judgement.id,
+            window_seconds=15,
+            lease_seconds=60,
+            now=utcnow() + dt.timedelta(seconds=16),
+        )
+    assert _count(session) == 1
+
+
+def test_undo_does_not_steal_a_live_lease(
+    session: Session, make_labeller: Callable[..., tuple[Labeller, str]], make_pair: Callable[..., Pair]
+) -> None:
+    pair = make_pair(required=3)
+    first, second = make_labeller()[0], make_labeller()[0]
+    next_pair(session=session, labeller_id=first.id, lease_seconds=60)
+    done = record_judgement(
+        session=session, labeller_id=first.id, pair_id=pair.id, choice="a", client_key="f"
+    )
+    assert next_pair(session=session, labeller_id=second.id, lease_seconds=60) is not None
+    with pytest.raises(UndoBlocked):
+        undo_judgement(
+            session=session,
+            labeller_id=first.id,
+            judgement_id=done.judgement.id,
+            window_seconds=15,
+            lease_seconds=60,
+        )
+    assert _count(session) == 1
