@@ -1,1 +1,1 @@
-"""DenseAlign app."""
+"""DenseAlign web app: labelling UI, admin pages and the REST API. Never imports torch."""

@@ -10,6 +10,10 @@ class DomainError(Exception):
     """Base of every error a query function raises on bad input or a forbidden state change."""
 
 
+class InvalidInput(DomainError, ValueError):
+    """A value outside its domain (a choice not in a/b/tie/skip, an empty prompt...)."""
+
+
 class NotFound(DomainError):
     pass
 
@@ -106,3 +110,8 @@ class UndoBlocked(Conflict):
         super().__init__(
             f"judgement {judgement_id} cannot be undone: its pair is being judged by someone else right now"
         )
+
+
+class BaseHasNoLora(NotFound):
+    def __init__(self) -> None:
+        super().__init__("policy version 0 is the base model and has no LoRA; download version 1 or later")

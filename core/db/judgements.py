@@ -19,6 +19,7 @@ from core.db.base import utcnow
 from core.db.errors import (
     AlreadyJudged,
     ClientKeyReused,
+    InvalidInput,
     JudgementNotFound,
     PairNotLeased,
     UndoBlocked,
@@ -45,9 +46,9 @@ def record_judgement(
 ) -> Recorded:
     """Store one labeller's judgement of a pair they hold the lease on, and release the lease."""
     if choice not in CHOICES:
-        raise ValueError(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
+        raise InvalidInput(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
     if decide_ms is not None and decide_ms < 0:
-        raise ValueError(f"decide_ms {decide_ms} is negative; send the milliseconds taken to decide")
+        raise InvalidInput(f"decide_ms {decide_ms} is negative; send the milliseconds taken to decide")
     existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
     if existing is not None:
         return Recorded(existing, created=False)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
-from core.db.errors import InviteInvalid, LabellerNameTaken, LabellerNotFound
+from core.db.errors import InvalidInput, InviteInvalid, LabellerNameTaken, LabellerNotFound
 from core.db.models import ROLES, Invite, Labeller
 
 
@@ -36,7 +36,7 @@ class IssuedToken:
 
 def _check_role(role: str) -> None:
     if role not in ROLES:
-        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
 
 
 def create_labeller(*, session: Session, name: str, role: str = "annotator") -> IssuedToken:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db.errors import PairInvalid, PairNotFound
+from core.db.errors import InvalidInput, PairInvalid, PairNotFound
 from core.db.models import Pair, Trajectory
 from core.db.policies import get_policy_version
 from core.db.prompts import get_prompt
@@ -51,7 +51,7 @@ def create_trajectory(
 def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int, required: int = 1) -> Pair:
     """Pair two trajectories of the same prompt and policy version."""
     if required < 1:
-        raise ValueError(f"required judgements {required} must be at least 1")
+        raise InvalidInput(f"required judgements {required} must be at least 1")
     a = session.get(Trajectory, trajectory_a_id)
     b = session.get(Trajectory, trajectory_b_id)
     if a is None or b is None:
@@ -88,7 +88,7 @@ def pair_trajectory(*, session: Session, pair_id: int, side: str) -> Trajectory:
     """The trajectory on side 'a' or 'b' of a pair."""
     pair = get_pair(session=session, pair_id=pair_id)
     if side not in ("a", "b"):
-        raise ValueError(f"side {side!r} is not 'a' or 'b'")
+        raise InvalidInput(f"side {side!r} is not 'a' or 'b'")
     trajectory_id = pair.trajectory_a_id if side == "a" else pair.trajectory_b_id
     trajectory = session.scalar(select(Trajectory).where(Trajectory.id == trajectory_id))
     assert trajectory is not None  # foreign key

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
-from core.db.errors import NoCurrentPolicy, PolicyVersionExists, PolicyVersionNotFound
+from core.db.errors import InvalidInput, NoCurrentPolicy, PolicyVersionExists, PolicyVersionNotFound
 from core.db.models import CurrentPolicy, PolicyVersion
 
 
@@ -26,7 +26,9 @@ def publish_policy_version(
     if session.scalar(select(PolicyVersion.id).where(PolicyVersion.version == version)) is not None:
         raise PolicyVersionExists(version)
     if version > 0 and (lora_key is None or lora_sha256 is None):
-        raise ValueError(f"policy version {version} needs lora_key and lora_sha256; only version 0 has none")
+        raise InvalidInput(
+            f"policy version {version} needs lora_key and lora_sha256; only version 0 has none"
+        )
     if parent_version is not None:
         get_policy_version(session=session, version=parent_version)
     row = PolicyVersion(

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db.errors import PromptNotFound
+from core.db.errors import InvalidInput, PromptNotFound
 from core.db.models import SPLITS, Prompt
 
 MAX_PROMPT_CHARS = 2000
@@ -16,15 +16,15 @@ MAX_PROMPT_CHARS = 2000
 def _clean(text: str) -> str:
     cleaned = " ".join(text.split())
     if not cleaned:
-        raise ValueError("prompt text is empty; give at least one non-space character")
+        raise InvalidInput("prompt text is empty; give at least one non-space character")
     if len(cleaned) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt text has {len(cleaned)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise InvalidInput(f"prompt text has {len(cleaned)} characters; the limit is {MAX_PROMPT_CHARS}")
     return cleaned
 
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise InvalidInput(f"split {split!r} is not one of {', '.join(SPLITS)}")
 
 
 def add_prompt(*, session: Session, text: str, split: str = "train") -> Prompt:
@@ -47,8 +47,8 @@ def import_prompts(*, session: Session, lines: Iterable[str], split: str = "trai
             continue
         try:
             texts.append(_clean(line))
-        except ValueError as exc:
-            raise ValueError(f"line {number}: {exc}") from None
+        except InvalidInput as exc:
+            raise InvalidInput(f"line {number}: {exc}") from None
     existing = set(session.scalars(select(Prompt.text).where(Prompt.text.in_(texts)))) if texts else set()
     added: list[Prompt] = []
     for text in dict.fromkeys(texts):

@@ -1,0 +1,66 @@
+"""Map domain errors and validation failures to 4xx responses whose `detail` says what was wrong."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from core.db.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound
+from core.storage import BlobNotFound, InvalidBlobKey
+
+
+def status_for(exc: DomainError) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, NotAllowed):
+        return 403
+    return 422  # InvalidInput and anything else that is the caller's data
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            reason = error.get("ctx", {}).get("error", "")
+            parts.append(f"malformed JSON body ({reason})" if reason else "malformed JSON body")
+            continue
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": describe_validation(exc), "errors": jsonable_errors(exc)}, status_code=422
+        )
+
+    @app.exception_handler(BlobNotFound)
+    async def blob_missing(_: Request, exc: BlobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(InvalidBlobKey)
+    async def blob_key(_: Request, exc: InvalidBlobKey) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, object]]:
+    return [
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+
+
+__all__ = ["InvalidInput", "install_error_handlers", "status_for"]

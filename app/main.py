@@ -1,0 +1,74 @@
+"""App factory: `create_app(settings)` wires the database, blob store, sessions, routes and pages."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.middleware.sessions import SessionMiddleware
+
+from app.errors import install_error_handlers
+from app.middleware import BodySizeLimit
+from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
+from core.db.engine import make_engine, make_session_factory
+from core.settings import Settings
+from core.storage import BlobStore, LocalBlobStore
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+API_PREFIX = "/api/v1"
+
+
+class MissingSecretKey(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(
+            "DENSEALIGN_SECRET_KEY is not set: set it to a long random string (python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'), or set DENSEALIGN_DEMO=1 for a throwaway local demo"
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    session_factory: sessionmaker[Session] | None = None,
+    blob_store: BlobStore | None = None,
+) -> FastAPI:
+    """Build the app. The schema must already exist (`densealign migrate`); nothing is created here."""
+    if settings.secret_key is not None:
+        secret = settings.secret_key.get_secret_value()
+    elif settings.demo:
+        log.warning("demo mode: using a random session key; sessions end when the process stops")
+        secret = secrets.token_urlsafe(32)
+    else:
+        raise MissingSecretKey()
+    app = FastAPI(
+        title="DenseAlign",
+        version="1",
+        summary="Online preference labelling for text-to-image diffusion models.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
+    app.state.blob_store = blob_store or LocalBlobStore(settings.blob_dir)
+    install_error_handlers(app)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret,
+        session_cookie="densealign_session",
+        max_age=settings.session_max_age_seconds,
+        same_site="lax",
+        https_only=settings.cookie_secure,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, prompts, pairs, judgements, policies, stats, export, labellers):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(pages.router)
+    app.include_router(admin.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    return app

@@ -1,0 +1,220 @@
+"""Admin pages: dashboard, prompts and labellers. Forms post back here with a CSRF token."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from app.charts import bar_chart, line_chart
+from app.deps import SessionDep, SettingsDep, check_csrf
+from app.routes.labellers import invite_url
+from app.routes.pages import render, session_labeller
+from app.routes.stats import collect_stats
+from core.db.errors import DomainError
+from core.db.labellers import create_invite, set_labeller_active
+from core.db.models import Labeller
+from core.db.policies import get_current_policy, list_policy_versions, set_current_policy
+from core.db.prompts import add_prompt, import_prompts, list_prompts, update_prompt
+
+router = APIRouter(prefix="/admin", include_in_schema=False)
+CsrfField = Annotated[str | None, Form(alias="csrf")]
+
+
+def admin_or_redirect(request: Request, session: SessionDep) -> Labeller | Response:
+    labeller = session_labeller(request, session)
+    if labeller is None:
+        return RedirectResponse("/login", status_code=303)
+    if labeller.role != "admin":
+        raise HTTPException(status_code=403, detail=f"labeller {labeller.name!r} is not an admin")
+    return labeller
+
+
+@router.get("")
+def dashboard(request: Request, session: SessionDep) -> Response:
+    admin = admin_or_redirect(request, session)
+    if isinstance(admin, Response):
+        return admin
+    stats = collect_stats(session)
+    versions = list_policy_versions(session=session)
+    current = get_current_policy(session=session).version if versions else None
+    metric_names = sorted({name for v in versions for name, value in v.metrics.items() if _is_number(value)})
+    charts = {
+        name: line_chart(
+            [(v.version, float(v.metrics[name])) for v in versions if _is_number(v.metrics.get(name))]
+        )
+        for name in metric_names
+    }
+    return render(
+        request,
+        "admin/dashboard.html",
+        labeller=admin,
+        stats=stats,
+        versions=versions,
+        current=current,
+        charts=charts,
+        rate_chart=bar_chart(stats.labels_per_hour),
+    )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@router.post("/policies/current")
+def rollback(
+    request: Request, session: SessionDep, version: Annotated[int, Form()], csrf: CsrfField = None
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    set_current_policy(session=session, version=version)
+    session.commit()
+    return RedirectResponse("/admin", status_code=303)
+
+
+@router.get("/prompts")
+def prompts_page(request: Request, session: SessionDep, error: str | None = None) -> Response:
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    rows = list_prompts(session=session, limit=1000)
+    return render(request, "admin/prompts.html", labeller=admin, prompts=rows, error=error)
+
+
+@router.post("/prompts")
+def add_prompt_form(
+    request: Request,
+    session: SessionDep,
+    text: Annotated[str, Form()] = "",
+    split: Annotated[str, Form()] = "train",
+    csrf: CsrfField = None,
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    try:
+        add_prompt(session=session, text=text, split=split)
+    except DomainError as exc:
+        return _prompts_error(request, session, admin, str(exc))
+    session.commit()
+    return RedirectResponse("/admin/prompts", status_code=303)
+
+
+@router.post("/prompts/import")
+async def import_prompts_form(
+    request: Request,
+    session: SessionDep,
+    file: UploadFile,
+    split: Annotated[str, Form()] = "train",
+    csrf: CsrfField = None,
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    try:
+        lines = (await file.read()).decode("utf-8").splitlines()
+        import_prompts(session=session, lines=lines, split=split)
+    except UnicodeDecodeError:
+        return _prompts_error(
+            request, session, admin, "the file is not UTF-8 text; save it as UTF-8 and retry"
+        )
+    except DomainError as exc:
+        return _prompts_error(request, session, admin, str(exc))
+    session.commit()
+    return RedirectResponse("/admin/prompts", status_code=303)
+
+
+@router.post("/prompts/{prompt_id}/active")
+def toggle_prompt(
+    prompt_id: int,
+    request: Request,
+    session: SessionDep,
+    active: Annotated[bool, Form()],
+    csrf: CsrfField = None,
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    update_prompt(session=session, prompt_id=prompt_id, active=active)
+    session.commit()
+    return RedirectResponse("/admin/prompts", status_code=303)
+
+
+def _prompts_error(request: Request, session: SessionDep, admin: Labeller, message: str) -> HTMLResponse:
+    session.rollback()
+    rows = list_prompts(session=session, limit=1000)
+    return render(request, "admin/prompts.html", status_code=422, labeller=admin, prompts=rows, error=message)
+
+
+@router.get("/labellers")
+def labellers_page(request: Request, session: SessionDep) -> Response:
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    return _labellers(request, session, admin)
+
+
+def _labellers(
+    request: Request,
+    session: SessionDep,
+    admin: Labeller,
+    *,
+    invite: str | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    stats = collect_stats(session)
+    return render(
+        request,
+        "admin/labellers.html",
+        status_code=422 if error else 200,
+        labeller=admin,
+        rows=stats.labellers,
+        invite=invite,
+        error=error,
+    )
+
+
+@router.post("/labellers/invite")
+def invite_form(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form()] = "",
+    role: Annotated[str, Form()] = "annotator",
+    csrf: CsrfField = None,
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    if not name.strip():
+        return _labellers(request, session, admin, error="give the new labeller a name")
+    try:
+        _, secret = create_invite(
+            session=session,
+            name=name.strip(),
+            role=role,
+            ttl=dt.timedelta(hours=settings.invite_ttl_hours),
+            created_by_id=admin.id,
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _labellers(request, session, admin, error=str(exc))
+    session.commit()
+    return _labellers(request, session, admin, invite=invite_url(settings, secret))
+
+
+@router.post("/labellers/{labeller_id}/active")
+def toggle_labeller(
+    labeller_id: int,
+    request: Request,
+    session: SessionDep,
+    active: Annotated[bool, Form()],
+    csrf: CsrfField = None,
+) -> Response:
+    check_csrf(request, csrf)
+    if isinstance(admin := admin_or_redirect(request, session), Response):
+        return admin
+    set_labeller_active(session=session, labeller_id=labeller_id, active=active)
+    session.commit()
+    return RedirectResponse("/admin/labellers", status_code=303)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from app.deps import CurrentLabeller, SessionDep, SettingsDep
+from app.routes.pairs import assignment_public
+from app.schemas import JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
+from core.db.judgements import record_judgement, undo_judgement
+from core.db.stats import labeller_progress
+
+router = APIRouter(tags=["judgements"])
+
+
+@router.post(
+    "/judgements",
+    response_model=JudgementPublic,
+    status_code=201,
+    responses={200: {"description": "A repeat of an earlier request with the same client_key."}},
+)
+def create_judgement(
+    body: JudgementCreate, response: Response, session: SessionDep, labeller: CurrentLabeller
+) -> JudgementPublic:
+    """Record a judgement of a pair leased to you. Idempotent: a repeated client_key records one."""
+    recorded = record_judgement(
+        session=session,
+        labeller_id=labeller.id,
+        pair_id=body.pair_id,
+        choice=body.choice,
+        client_key=body.client_key,
+        decide_ms=body.decide_ms,
+    )
+    session.commit()
+    if not recorded.created:
+        response.status_code = 200
+    return JudgementPublic.model_validate(recorded.judgement)
+
+
+@router.delete("/judgements/{judgement_id}", response_model=PairAssignmentPublic)
+def undo(
+    judgement_id: int, request: Request, session: SessionDep, settings: SettingsDep, labeller: CurrentLabeller
+) -> PairAssignmentPublic:
+    """Undo your own judgement within the undo window; the pair is leased back to you."""
+    assignment = undo_judgement(
+        session=session,
+        labeller_id=labeller.id,
+        judgement_id=judgement_id,
+        window_seconds=settings.undo_window_seconds,
+        lease_seconds=settings.lease_seconds,
+    )
+    session.commit()
+    return assignment_public(request, assignment)
+
+
+@router.get("/me", response_model=MePublic, tags=["labellers"])
+def me(session: SessionDep, labeller: CurrentLabeller) -> MePublic:
+    """Who you are and how many judgements you made today (UTC) and in total."""
+    progress = labeller_progress(session=session, labeller_id=labeller.id)
+    return MePublic(
+        id=labeller.id, name=labeller.name, role=labeller.role, today=progress.today, total=progress.total
+    )

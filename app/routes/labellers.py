@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, Request
+
+from app.deps import CurrentAdmin, SessionDep, SettingsDep
+from app.schemas import InviteCreate, InvitePublic, LabellerPublic, LabellerUpdate
+from core.db.labellers import create_invite, list_labellers, set_labeller_active
+
+router = APIRouter(tags=["labellers"])
+
+
+def invite_url(settings: SettingsDep, secret: str) -> str:
+    return f"{settings.public_base_url.rstrip('/')}/invite/{secret}"
+
+
+@router.post("/invites", response_model=InvitePublic, status_code=201)
+def invite(
+    body: InviteCreate, session: SessionDep, settings: SettingsDep, admin: CurrentAdmin
+) -> InvitePublic:
+    """Create a one-time invite link for a new labeller (shown only in this response)."""
+    row, secret = create_invite(
+        session=session,
+        name=body.name,
+        role=body.role,
+        ttl=dt.timedelta(hours=settings.invite_ttl_hours),
+        created_by_id=admin.id,
+    )
+    session.commit()
+    return InvitePublic(
+        name=row.name, role=row.role, url=invite_url(settings, secret), expires_at=row.expires_at
+    )
+
+
+@router.get("/labellers", response_model=list[LabellerPublic])
+def labellers(session: SessionDep, _: CurrentAdmin) -> list[LabellerPublic]:
+    return [LabellerPublic.model_validate(row) for row in list_labellers(session=session)]
+
+
+@router.patch("/labellers/{labeller_id}", response_model=LabellerPublic)
+def update_labeller(
+    labeller_id: int, body: LabellerUpdate, request: Request, session: SessionDep, _: CurrentAdmin
+) -> LabellerPublic:
+    row = set_labeller_active(session=session, labeller_id=labeller_id, active=body.active)
+    session.commit()
+    return LabellerPublic.model_validate(row)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+
+from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep
+from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic
+from core.db.errors import BaseHasNoLora
+from core.db.models import PolicyVersion
+from core.db.policies import get_current_policy, get_policy_version, list_policy_versions, set_current_policy
+
+router = APIRouter(prefix="/policies", tags=["policies"])
+
+
+def _public(row: PolicyVersion, current: int | None) -> PolicyVersionPublic:
+    public = PolicyVersionPublic.model_validate(row)
+    public.current = row.version == current
+    return public
+
+
+@router.get("", response_model=list[PolicyVersionPublic])
+def list_policies(session: SessionDep, _: CurrentLabeller) -> list[PolicyVersionPublic]:
+    rows = list_policy_versions(session=session)
+    current = get_current_policy(session=session).version if rows else None
+    return [_public(row, current) for row in rows]
+
+
+@router.get("/current", response_model=PolicyVersionPublic)
+def current_policy(session: SessionDep, _: CurrentLabeller) -> PolicyVersionPublic:
+    row = get_current_policy(session=session)
+    return _public(row, row.version)
+
+
+@router.put("/current", response_model=PolicyVersionPublic)
+def set_current(body: CurrentPolicyUpdate, session: SessionDep, _: CurrentAdmin) -> PolicyVersionPublic:
+    """Point workers at another published version (an older one rolls back)."""
+    row = set_current_policy(session=session, version=body.version)
+    session.commit()
+    return _public(row, row.version)
+
+
+@router.get(
+    "/{version}/lora.safetensors",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The LoRA adapter."}},
+)
+def download_lora(version: int, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller) -> Response:
+    """The version's LoRA in diffusers format; `X-Content-SHA256` carries its sha256 hex digest."""
+    row = get_policy_version(session=session, version=version)
+    if row.lora_key is None or row.lora_sha256 is None:
+        raise BaseHasNoLora()
+    headers = {
+        "X-Content-SHA256": row.lora_sha256,
+        "Content-Disposition": f'attachment; filename="lora-v{version}.safetensors"',
+    }
+    path = store.local_path(row.lora_key)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    return Response(store.get(row.lora_key), media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from app.deps import CurrentAdmin, CurrentLabeller, SessionDep
+from app.schemas import PromptCreate, PromptPublic, PromptUpdate, Split
+from core.db import prompts as queries
+
+router = APIRouter(prefix="/prompts", tags=["prompts"])
+
+
+@router.get("", response_model=list[PromptPublic])
+def list_prompts(
+    session: SessionDep,
+    _: CurrentLabeller,
+    active: bool | None = None,
+    split: Split | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+) -> list[PromptPublic]:
+    rows = queries.list_prompts(session=session, active=active, split=split, limit=limit, offset=offset)
+    return [PromptPublic.model_validate(row) for row in rows]
+
+
+@router.post("", response_model=PromptPublic, status_code=201)
+def create_prompt(body: PromptCreate, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
+    prompt = queries.add_prompt(session=session, text=body.text, split=body.split)
+    session.commit()
+    return PromptPublic.model_validate(prompt)
+
+
+@router.get("/{prompt_id}", response_model=PromptPublic)
+def get_prompt(prompt_id: int, session: SessionDep, _: CurrentLabeller) -> PromptPublic:
+    return PromptPublic.model_validate(queries.get_prompt(session=session, prompt_id=prompt_id))
+
+
+@router.patch("/{prompt_id}", response_model=PromptPublic)
+def update_prompt(prompt_id: int, body: PromptUpdate, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
+    prompt = queries.update_prompt(
+        session=session, prompt_id=prompt_id, text=body.text, split=body.split, active=body.active
+    )
+    session.commit()
+    return PromptPublic.model_validate(prompt)
+
+
+@router.delete("/{prompt_id}", response_model=PromptPublic)
+def deactivate_prompt(prompt_id: int, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
+    """Deactivate (pairs and judgements keep referring to it, so it is never deleted)."""
+    prompt = queries.update_prompt(session=session, prompt_id=prompt_id, active=False)
+    session.commit()
+    return PromptPublic.model_validate(prompt)

@@ -1,0 +1,29 @@
+"""`densealign serve`: run the web app with uvicorn, settings from DENSEALIGN_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from app.main import MissingSecretKey, create_app
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="densealign serve", description=__doc__)
+    parser.add_argument("--host", default=settings.host, help=f"interface to bind (default {settings.host})")
+    parser.add_argument("--port", type=int, default=settings.port, help=f"TCP port (default {settings.port})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except MissingSecretKey as exc:
+        log.error("%s", exc)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, proxy_headers=True)
+    return 0

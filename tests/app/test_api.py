@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from core.db.models import Judgement, Labeller, Pair, Prompt
+from core.db.policies import publish_policy_version
+from core.storage import LocalBlobStore
+from tests.app.conftest import count
+
+
+def test_health_needs_no_token(client: TestClient) -> None:
+    assert client.get("/api/v1/health").json() == {"status": "ok", "database": "ok"}
+
+
+def test_openapi_lists_the_api(client: TestClient) -> None:
+    paths = client.get("/api/v1/openapi.json").json()["paths"]
+    for path in ("/api/v1/pairs/next", "/api/v1/judgements", "/api/v1/policies/current", "/api/v1/export"):
+        assert path in paths
+
+
+def test_next_pair_then_judge_then_pool_empty(
+    annotator: tuple[TestClient, Labeller], pair_with_images: Pair, session: Session
+) -> None:
+    api, labeller = annotator
+    got = api.get("/api/v1/pairs/next").json()["pair"]
+    assert got["pair_id"] == pair_with_images.id and got["prompt"] == "a red cube on a blue table"
+    assert {got["left"]["side"], got["right"]["side"]} == {"a", "b"}
+    image = api.get(got["left"]["url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    red_or_blue = Image.open(io.BytesIO(image.content)).getpixel((0, 0))
+    assert red_or_blue == ((255, 0, 0) if got["left"]["side"] == "a" else (0, 0, 255))
+    posted = api.post(
+        "/api/v1/judgements",
+        json={
+            "pair_id": got["pair_id"],
+            "choice": got["right"]["side"],
+            "client_key": "key-00000001",
+            "decide_ms": 900,
+        },
+    )
+    assert posted.status_code == 201, posted.text
+    body = posted.json()
+    assert (body["choice"], body["shown_left"], body["labeller_id"]) == (
+        got["right"]["side"],
+        got["left"]["side"],
+        labeller.id,
+    )
+    empty = api.get("/api/v1/pairs/next").json()
+    assert empty["pair"] is None and "No pairs are waiting" in empty["message"]
+    assert api.get("/api/v1/me").json()["total"] == 1
+
+
+def test_judgement_post_is_idempotent(
+    annotator: tuple[TestClient, Labeller], pair: Pair, session: Session
+) -> None:
+    api, _ = annotator
+    api.get("/api/v1/pairs/next")
+    body = {"pair_id": pair.id, "choice": "tie", "client_key": "same-key-123"}
+    first, second = api.post("/api/v1/judgements", json=body), api.post("/api/v1/judgements", json=body)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"] and count(session, Judgement) == 1
+
+
+def test_undo_within_window(annotator: tuple[TestClient, Labeller], pair: Pair, session: Session) -> None:
+    api, _ = annotator
+    left = api.get("/api/v1/pairs/next").json()["pair"]["left"]["side"]
+    made = api.post(
+        "/api/v1/judgements", json={"pair_id": pair.id, "choice": "a", "client_key": "undo-me-1"}
+    ).json()
+    back = api.delete(f"/api/v1/judgements/{made['id']}")
+    assert (
+        back.status_code == 200 and back.json()["pair_id"] == pair.id and back.json()["left"]["side"] == left
+    )
+    assert count(session, Judgement) == 0
+
+
+def test_prompts_crud(
+    admin_client: TestClient, annotator: tuple[TestClient, Labeller], session: Session
+) -> None:
+    created = admin_client.post("/api/v1/prompts", json={"text": "  a  lighthouse at dusk ", "split": "eval"})
+    assert created.status_code == 201
+    prompt_id = created.json()["id"]
+    assert created.json()["text"] == "a lighthouse at dusk"
+    api, _ = annotator
+    assert api.get(f"/api/v1/prompts/{prompt_id}").json()["split"] == "eval"
+    patched = admin_client.patch(f"/api/v1/prompts/{prompt_id}", json={"text": "a lighthouse at dawn"})
+    assert patched.json()["text"] == "a lighthouse at dawn"
+    assert admin_client.delete(f"/api/v1/prompts/{prompt_id}").json()["active"] is False
+    listed = api.get("/api/v1/prompts", params={"active": "false"}).json()
+    assert [p["id"] for p in listed] == [prompt_id]
+
+
+def test_policies_current_rollback_and_lora_download(
+    admin_client: TestClient, policy_version: object, session: Session, blob_store: LocalBlobStore
+) -> None:
+    data = b"safetensors-bytes"
+    digest = blob_store.put("policies/1/lora.safetensors", data)
+    publish_policy_version(
+        session=session,
+        version=1,
+        parent_version=0,
+        lora_key="policies/1/lora.safetensors",
+        lora_sha256=digest,
+        metrics={"win_rate": 0.61},
+    )
+    assert admin_client.get("/api/v1/policies/current").json()["version"] == 1
+    listed = admin_client.get("/api/v1/policies").json()
+    assert isinstance(listed, list), listed
+    assert [(p["version"], p["current"]) for p in listed] == [(0, False), (1, True)]
+    lora = admin_client.get("/api/v1/policies/1/lora.safetensors")
+    assert lora.status_code == 200 and lora.content == data
+    assert lora.headers["x-content-sha256"] == hashlib.sha256(data).hexdigest()
+    base = admin_client.get("/api/v1/policies/0/lora.safetensors")
+    assert base.status_code == 404 and "base model" in base.json()["detail"]
+    assert admin_client.put("/api/v1/policies/current", json={"version": 0}).json()["version"] == 0
+    assert admin_client.get("/api/v1/policies/current").json()["version"] == 0
+
+
+def test_stats_and_export(
+    admin_client: TestClient, annotator: tuple[TestClient, Labeller], pair: Pair, session: Session
+) -> None:
+    api, labeller = annotator
+    assert admin_client.get("/api/v1/stats").json()["queue_depth"] == 1
+    api.get("/api/v1/pairs/next")
+    api.post("/api/v1/judgements", json={"pair_id": pair.id, "choice": "b", "client_key": "export-key-1"})
+    stats = admin_client.get("/api/v1/stats").json()
+    assert (stats["queue_depth"], stats["judgements_total"], stats["labels_per_hour"][-1]) == (0, 1, 1)
+    mine = next(row for row in stats["labellers"] if row["labeller_id"] == labeller.id)
+    assert mine["judgements"] == 1
+    exported = admin_client.get("/api/v1/export")
+    assert exported.headers["content-type"].startswith("application/x-ndjson")
+    rows = [json.loads(line) for line in exported.text.splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["choice"], row["labeller_id"], row["policy_version"], row["prompt"]) == (
+        "b",
+        labeller.id,
+        0,
+        session.get_one(Prompt, pair.prompt_id).text,
+    )
+    assert row["image_a_url"] == f"http://testserver/api/v1/pairs/{pair.id}/images/a"
+
+
+def test_invite_api_returns_one_time_link(admin_client: TestClient, client: TestClient) -> None:
+    made = admin_client.post("/api/v1/invites", json={"name": "bob"})
+    assert made.status_code == 201
+    url = made.json()["url"]
+    assert url.startswith("http://testserver/invite/")
+    assert client.get(url.removeprefix("http://testserver")).status_code == 200
