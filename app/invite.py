@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with make_session_factory(engine)() as session:
             _, secret = create_invite(
-                session=session, name=args.name, role=args.role, ttl=dt.timedelta(hours=settings.invite_ttl_hours)
+                session=session,
+                name=args.name,
+                role=args.role,
+                ttl=dt.timedelta(hours=settings.invite_ttl_hours),
             )
             session.commit()
     except DomainError as exc:

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     cookie_secure: bool = Field(
         default=True,
         description="Mark the session cookie Secure (sent over HTTPS only); turn off only for plain-HTTP "
-        "local use.",
+        "local use. Defaults to off in demo mode unless set explicitly.",
     )
     session_max_age_seconds: int = Field(
         default=14 * 24 * 3600, gt=0, description="Lifetime of a browser session cookie, in seconds."
@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     # -- algorithm configs ---------------------------------------------------------------------
     # Nested typed configs for the diffusion core go here (e.g. `dpo: DPOConfig`, `lora: LoraConfig`),
     # read from DENSEALIGN_DPO__BETA style variables via `env_nested_delimiter="__"`.
+
+    @model_validator(mode="after")
+    def _demo_cookie(self) -> Settings:
+        # The demo serves plain HTTP on 127.0.0.1, where a Secure cookie would never come back.
+        if self.demo and "cookie_secure" not in self.model_fields_set:
+            self.cookie_secure = False
+        return self
 
     @model_validator(mode="after")
     def _check_overlap(self) -> Settings:

@@ -1,5 +1,6 @@
 """End to end in a real browser: an invited annotator logs in through the invite link, judges five
-pairs with the keyboard, and the five judgements are in Postgres with the sides they saw."""
+pairs with the keyboard (and undoes one with U), and the five judgements are in Postgres with the
+sides they saw."""
 
 from __future__ import annotations
 
@@ -134,6 +135,17 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
                     " || !document.getElementById('empty').hidden",
                     arg=pair_id,
                 )
+            expect(page.locator("#empty")).to_be_visible()
+            expect(page.locator("#total")).to_have_text("5")
+            # U brings the last pair back (same side on the left); judging it again replaces the choice.
+            last_id = list(expected)[-1]
+            page.keyboard.press("u")
+            expect(pair).to_have_attribute("data-pair-id", str(last_id))
+            expect(pair).to_have_attribute("data-left-side", expected[last_id][1])
+            expect(page.locator("#total")).to_have_text("4")
+            left = expected[last_id][1]
+            expected[last_id] = ("b" if left == "a" else "a", left)
+            page.keyboard.press("ArrowRight")
             expect(page.locator("#empty")).to_be_visible()
             expect(page.locator("#total")).to_have_text("5")
             page.screenshot(path=str(ARTIFACTS / "label_page_done.png"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,7 @@ from core.db.errors import (
 )
 from core.db.judgements import record_judgement, undo_judgement
 from core.db.models import Judgement, Labeller, Lease, Pair
+from tests.core.db.conftest import Committed
 
 
 def _count(session: Session) -> int:
@@ -141,3 +143,39 @@ def test_undo_does_not_steal_a_live_lease(
             lease_seconds=60,
         )
     assert _count(session) == 1
+
+
+def test_concurrent_identical_posts_record_one_judgement(engine_committed: Committed) -> None:
+    """Eight threads retry the same judgement at once (same client key): one row, one id for all."""
+    factory, labeller_ids, _ = engine_committed
+    who = labeller_ids[0]
+    with factory() as session:
+        got = next_pair(session=session, labeller_id=who, lease_seconds=60)
+        assert got is not None
+        session.commit()
+    barrier = threading.Barrier(8)
+    outcomes: list[tuple[int, bool]] = []
+    errors: list[BaseException] = []
+
+    def post() -> None:
+        try:
+            barrier.wait()
+            with factory() as session:
+                done = record_judgement(
+                    session=session, labeller_id=who, pair_id=got.pair.id, choice="a", client_key="retry-key"
+                )
+                session.commit()
+                outcomes.append((done.judgement.id, done.created))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert len({judgement_id for judgement_id, _ in outcomes}) == 1
+    assert sum(created for _, created in outcomes) == 1 and len(outcomes) == 8
+    with factory() as session:
+        assert _count(session) == 1
