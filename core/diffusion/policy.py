@@ -77,6 +77,11 @@ class Policy:
             if module is not None:
                 module.requires_grad_(False)
         pipe.unet.add_adapter(self.lora.peft_config(), adapter_name=ADAPTER)
+        # LoRA weights stay float32 whatever the base dtype (as diffusers' training scripts do), so
+        # AdamW's small updates are not rounded away in fp16; peft casts activations to match.
+        for name, param in pipe.unet.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.to(torch.float32)
         self._param_by_key = {
             name.replace(f".{ADAPTER}.", "."): param
             for name, param in pipe.unet.named_parameters()

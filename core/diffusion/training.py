@@ -109,10 +109,12 @@ def step_log_ratios(
     alpha_t = schedule.alpha_prod_t[step_idx].view(-1, 1, 1, 1).to(device)
     alpha_prev = schedule.alpha_prod_t_prev[step_idx].view(-1, 1, 1, 1).to(device)
     eta, kind = settings.eta, schedule.prediction_type
-    eps_policy = guided_noise(policy.unet, latents, t, cond, settings.guidance_scale)
+    # The UNet runs in the pipeline's dtype; the step means and the log-ratio are formed in float32.
+    unet_in = latents.to(policy.unet.dtype)
+    eps_policy = guided_noise(policy.unet, unet_in, t, cond, settings.guidance_scale).float()
     mean_policy, std = ddim_step_mean(eps_policy, latents, alpha_t, alpha_prev, eta=eta, prediction_type=kind)
     with torch.no_grad(), policy.reference():
-        eps_ref = guided_noise(policy.unet, latents, t, cond, settings.guidance_scale)
+        eps_ref = guided_noise(policy.unet, unet_in, t, cond, settings.guidance_scale).float()
         mean_ref, _ = ddim_step_mean(eps_ref, latents, alpha_t, alpha_prev, eta=eta, prediction_type=kind)
     return gaussian_log_ratio(next_latents, mean_policy, mean_ref, std, reduction=settings.reduction)
 
