@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 Choice = Literal["a", "b", "tie", "skip"]
 Side = Literal["a", "b"]
 Split = Literal["train", "eval"]
 Role = Literal["annotator", "admin"]
+# Database ids are 32-bit: bounding them here turns an absurd id into a 422, not a database error.
+MAX_ID = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+VersionPath = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
 class Public(BaseModel):
@@ -64,7 +69,7 @@ class NextPairPublic(BaseModel):
 
 class JudgementCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pair_id: int
+    pair_id: int = Field(ge=1, le=MAX_ID)
     choice: Choice = Field(description="'a' or 'b' (the preferred trajectory), 'tie', or 'skip'.")
     client_key: str = Field(
         min_length=8,
@@ -104,7 +109,9 @@ class PolicyVersionPublic(Public):
 
 class CurrentPolicyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0, description="The version workers should sample with (older = rollback).")
+    version: int = Field(
+        ge=0, le=MAX_ID, description="The version workers should sample with (older = rollback)."
+    )
 
 
 class LabellerStatsPublic(BaseModel):

@@ -13,6 +13,7 @@ from app.deps import SessionDep, SettingsDep, check_csrf
 from app.routes.labellers import invite_url
 from app.routes.pages import render, session_labeller
 from app.routes.stats import collect_stats
+from app.schemas import IdPath
 from core.db.errors import DomainError
 from core.db.labellers import create_invite, set_labeller_active
 from core.db.models import Labeller
@@ -128,7 +129,7 @@ async def import_prompts_form(
 
 @router.post("/prompts/{prompt_id}/active")
 def toggle_prompt(
-    prompt_id: int,
+    prompt_id: IdPath,
     request: Request,
     session: SessionDep,
     active: Annotated[bool, Form()],
@@ -206,7 +207,7 @@ def invite_form(
 
 @router.post("/labellers/{labeller_id}/active")
 def toggle_labeller(
-    labeller_id: int,
+    labeller_id: IdPath,
     request: Request,
     session: SessionDep,
     active: Annotated[bool, Form()],

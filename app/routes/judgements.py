@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import CurrentLabeller, SessionDep, SettingsDep
 from app.routes.pairs import assignment_public
-from app.schemas import JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
+from app.schemas import IdPath, JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
 from core.db.judgements import record_judgement, undo_judgement
 from core.db.stats import labeller_progress
 
@@ -37,7 +37,11 @@ def create_judgement(
 
 @router.delete("/judgements/{judgement_id}", response_model=PairAssignmentPublic)
 def undo(
-    judgement_id: int, request: Request, session: SessionDep, settings: SettingsDep, labeller: CurrentLabeller
+    judgement_id: IdPath,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    labeller: CurrentLabeller,
 ) -> PairAssignmentPublic:
     """Undo your own judgement within the undo window; the pair is leased back to you."""
     assignment = undo_judgement(

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from app.deps import CurrentAdmin, SessionDep, SettingsDep
-from app.schemas import InviteCreate, InvitePublic, LabellerPublic, LabellerUpdate
+from app.schemas import IdPath, InviteCreate, InvitePublic, LabellerPublic, LabellerUpdate
 from core.db.labellers import create_invite, list_labellers, set_labeller_active
 
 router = APIRouter(tags=["labellers"])
@@ -40,7 +40,7 @@ def labellers(session: SessionDep, _: CurrentAdmin) -> list[LabellerPublic]:
 
 @router.patch("/labellers/{labeller_id}", response_model=LabellerPublic)
 def update_labeller(
-    labeller_id: int, body: LabellerUpdate, request: Request, session: SessionDep, _: CurrentAdmin
+    labeller_id: IdPath, body: LabellerUpdate, session: SessionDep, _: CurrentAdmin
 ) -> LabellerPublic:
     row = set_labeller_active(session=session, labeller_id=labeller_id, active=body.active)
     session.commit()

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentLabeller, SessionDep, SettingsDep
-from app.schemas import ImagePublic, NextPairPublic, PairAssignmentPublic, Side
+from app.schemas import MAX_ID, IdPath, ImagePublic, NextPairPublic, PairAssignmentPublic, Side
 from core.db.assignment import Assignment, next_pair
 from core.db.errors import InvalidInput
 from core.db.pairs import pair_trajectory
@@ -38,9 +38,12 @@ def _parse_exclude(raw: str | None) -> list[int]:
     if not raw:
         return []
     try:
-        return [int(part) for part in raw.split(",") if part.strip()][:50]
+        ids = [int(part) for part in raw.split(",") if part.strip()][:50]
     except ValueError:
-        raise InvalidInput(f"exclude={raw!r} must be comma-separated pair ids, e.g. exclude=12,15") from None
+        ids = [-1]
+    if not all(1 <= i <= MAX_ID for i in ids):
+        raise InvalidInput(f"exclude={raw!r} must be comma-separated pair ids, e.g. exclude=12,15")
+    return ids
 
 
 @router.get("/next", response_model=NextPairPublic)
@@ -67,7 +70,7 @@ def get_next_pair(
 
 @router.get("/{pair_id}/images/{side}", name="pair_image", response_class=Response)
 def pair_image(
-    pair_id: int, side: Side, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller
+    pair_id: IdPath, side: Side, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller
 ) -> Response:
     """The final image of trajectory `side` of a pair (PNG)."""
     trajectory = pair_trajectory(session=session, pair_id=pair_id, side=side)

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep
-from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic
+from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic, VersionPath
 from core.db.errors import BaseHasNoLora
 from core.db.models import PolicyVersion
 from core.db.policies import get_current_policy, get_policy_version, list_policy_versions, set_current_policy
@@ -44,7 +44,9 @@ def set_current(body: CurrentPolicyUpdate, session: SessionDep, _: CurrentAdmin)
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The LoRA adapter."}},
 )
-def download_lora(version: int, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller) -> Response:
+def download_lora(
+    version: VersionPath, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller
+) -> Response:
     """The version's LoRA in diffusers format; `X-Content-SHA256` carries its sha256 hex digest."""
     row = get_policy_version(session=session, version=version)
     if row.lora_key is None or row.lora_sha256 is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from app.deps import CurrentAdmin, CurrentLabeller, SessionDep
-from app.schemas import PromptCreate, PromptPublic, PromptUpdate, Split
+from app.schemas import IdPath, PromptCreate, PromptPublic, PromptUpdate, Split
 from core.db import prompts as queries
 
 router = APIRouter(prefix="/prompts", tags=["prompts"])
@@ -30,12 +30,14 @@ def create_prompt(body: PromptCreate, session: SessionDep, _: CurrentAdmin) -> P
 
 
 @router.get("/{prompt_id}", response_model=PromptPublic)
-def get_prompt(prompt_id: int, session: SessionDep, _: CurrentLabeller) -> PromptPublic:
+def get_prompt(prompt_id: IdPath, session: SessionDep, _: CurrentLabeller) -> PromptPublic:
     return PromptPublic.model_validate(queries.get_prompt(session=session, prompt_id=prompt_id))
 
 
 @router.patch("/{prompt_id}", response_model=PromptPublic)
-def update_prompt(prompt_id: int, body: PromptUpdate, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
+def update_prompt(
+    prompt_id: IdPath, body: PromptUpdate, session: SessionDep, _: CurrentAdmin
+) -> PromptPublic:
     prompt = queries.update_prompt(
         session=session, prompt_id=prompt_id, text=body.text, split=body.split, active=body.active
     )
@@ -44,7 +46,7 @@ def update_prompt(prompt_id: int, body: PromptUpdate, session: SessionDep, _: Cu
 
 
 @router.delete("/{prompt_id}", response_model=PromptPublic)
-def deactivate_prompt(prompt_id: int, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
+def deactivate_prompt(prompt_id: IdPath, session: SessionDep, _: CurrentAdmin) -> PromptPublic:
     """Deactivate (pairs and judgements keep referring to it, so it is never deleted)."""
     prompt = queries.update_prompt(session=session, prompt_id=prompt_id, active=False)
     session.commit()

@@ -34,6 +34,11 @@ class IssuedToken:
     token: str  # shown once; only its hash is stored
 
 
+def _check_name(name: str) -> None:
+    if not name.strip() or len(name) > 100 or not name.isprintable():
+        raise InvalidInput(f"labeller name {name!r} must be 1 to 100 printable characters")
+
+
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise InvalidInput(f"role {role!r} is not one of {', '.join(ROLES)}")
@@ -42,6 +47,7 @@ def _check_role(role: str) -> None:
 def create_labeller(*, session: Session, name: str, role: str = "annotator") -> IssuedToken:
     """Create a labeller directly (CLI bootstrap, tests) and return its one-time-visible token."""
     _check_role(role)
+    _check_name(name)
     if session.scalar(select(Labeller.id).where(Labeller.name == name)) is not None:
         raise LabellerNameTaken(name)
     token = new_token()
@@ -56,6 +62,7 @@ def create_invite(
 ) -> tuple[Invite, str]:
     """Create a one-time invite; returns the row and the secret to put in the link."""
     _check_role(role)
+    _check_name(name)
     if session.scalar(select(Labeller.id).where(Labeller.name == name)) is not None:
         raise LabellerNameTaken(name)
     secret = new_token()
@@ -103,15 +110,6 @@ def get_labeller(*, session: Session, labeller_id: int) -> Labeller:
     if labeller is None:
         raise LabellerNotFound(labeller_id)
     return labeller
-
-
-def rotate_token(*, session: Session, labeller_id: int) -> str:
-    """Issue a new bearer token, invalidating the old one."""
-    labeller = get_labeller(session=session, labeller_id=labeller_id)
-    token = new_token()
-    labeller.token_hash = hash_token(token)
-    session.flush()
-    return token
 
 
 def set_labeller_active(*, session: Session, labeller_id: int, active: bool) -> Labeller:

@@ -14,6 +14,8 @@ MAX_PROMPT_CHARS = 2000
 
 
 def _clean(text: str) -> str:
+    if "\x00" in text:
+        raise InvalidInput("prompt text contains a NUL character; remove it")
     cleaned = " ".join(text.split())
     if not cleaned:
         raise InvalidInput("prompt text is empty; give at least one non-space character")

@@ -158,3 +158,19 @@ def test_bad_exclude_and_unknown_version(annotator: tuple[TestClient, Labeller])
     assert response.status_code == 422 and "comma-separated pair ids" in response.json()["detail"]
     missing = api.get("/api/v1/policies/99/lora.safetensors")
     assert missing.status_code == 404 and "policy version 99 does not exist" in missing.json()["detail"]
+
+
+def test_out_of_range_ids_and_nul_text_are_4xx(
+    annotator: tuple[TestClient, Labeller], admin_client: TestClient, session: Session
+) -> None:
+    api, _ = annotator
+    big = 2**40
+    status, detail = _post(api, pair_id=big, choice="a", client_key="huge-id-1")
+    assert status == 422 and detail.startswith("pair_id: Input should be less than or equal to 2147483647")
+    assert api.get(f"/api/v1/prompts/{big}").status_code == 422
+    assert api.get(f"/api/v1/pairs/{big}/images/a").status_code == 422
+    assert api.get(f"/api/v1/pairs/next?exclude={big}").status_code == 422
+    assert admin_client.patch(f"/api/v1/labellers/{big}", json={"active": False}).status_code == 422
+    nul = admin_client.post("/api/v1/prompts", json={"text": "a\x00b"})
+    assert nul.status_code == 422 and "NUL" in nul.json()["detail"]
+    assert count(session, Judgement) == 0
