@@ -25,6 +25,7 @@ TABLES = {
     "pairs",
     "policy_versions",
     "prompts",
+    "training_round_pairs",
     "training_rounds",
     "trajectories",
 }
