@@ -6,8 +6,92 @@ library code receives plain values. Nothing here reads the environment at import
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelConfig(BaseModel):
+    """The base model and the shape of the trainable adapter (workers and trainer must agree)."""
+
+    base_model: str = Field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Diffusers Stable Diffusion (1.x, 2.x or XL) hub id or local folder; `tiny:sd` is a "
+        "random tiny model for tests. Offline (HF_HUB_OFFLINE=1) a hub id must already be cached.",
+    )
+    device: str = Field(
+        default="auto", description="torch device for workers and trainer; auto = cuda if present."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="dtype of the frozen base weights; LoRA weights are always float32."
+    )
+    lora_rank: int = Field(default=4, ge=1, description="LoRA rank r (paper: 4 for one prompt, 32 for many).")
+    lora_alpha: float | None = Field(
+        default=None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Empty = rank."
+    )
+    lora_targets: tuple[str, ...] = Field(
+        default=("to_q", "to_k", "to_v", "to_out.0"),
+        min_length=1,
+        description="UNet sub-modules that carry the adapter; default: every attention projection.",
+    )
+
+
+class SamplerConfig(BaseModel):
+    """How workers sample trajectories; recorded with each trajectory and reused by training."""
+
+    num_steps: int = Field(default=50, ge=1, le=1000, description="DDIM steps N per trajectory (paper: 50).")
+    guidance_scale: float = Field(default=7.5, ge=0, description="Classifier-free guidance w (paper: 7.5).")
+    eta: float = Field(default=1.0, gt=0, description="DDIM eta; 1.0 = DDPM posterior variance (paper).")
+    image_size: int | None = Field(
+        default=None,
+        ge=8,
+        multiple_of=8,
+        description="Image side in pixels; empty = the model's native size.",
+    )
+
+
+class DpoConfig(BaseModel):
+    """Discounted dense-reward DPO (METHOD.md); defaults are the paper's single-prompt column."""
+
+    beta: float = Field(default=10.0, gt=0, description="beta multiplying the weighted clipped log-ratios.")
+    gamma: float = Field(
+        default=0.9, gt=0, le=1, description="Discount on step i (0 = noisiest); 1.0 = trajectory-level DPO."
+    )
+    clip: float = Field(
+        default=1e-4, gt=0, description="Clip eps on each step log-ratio (mean-reduced units)."
+    )
+    sampled_steps: int = Field(default=3, ge=1, description="Steps M drawn per trajectory from the weights.")
+    lr: float = Field(default=3e-5, gt=0, description="AdamW learning rate for the LoRA weights.")
+    weight_decay: float = Field(default=2e-3, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip over the LoRA weights.")
+    pairs_per_step: int = Field(default=4, ge=1, description="Labelled pairs per optimizer step (paper: 4).")
+    steps_per_round: int = Field(default=100, ge=1, description="Optimizer steps per training round.")
+    min_new_pairs: int = Field(
+        default=32, ge=1, description="Decided pairs not yet trained on that start a new round."
+    )
+    max_version_lag: int = Field(
+        default=2,
+        ge=0,
+        description="Train only on pairs sampled at most this many versions before the current.",
+    )
+    checkpoint_every: int = Field(
+        default=20, ge=1, description="Optimizer steps between resumable checkpoints."
+    )
+    poll_seconds: float = Field(
+        default=5.0, gt=0, description="How often the idle trainer checks for labels."
+    )
+    seed: int = Field(default=0, description="Seed of the step-index and pair sampling in training.")
+
+
+class PoolConfig(BaseModel):
+    """The pool of unlabelled pairs workers keep ready so annotators never wait."""
+
+    target_per_prompt: int = Field(
+        default=4, ge=1, description="Unlabelled pairs (queued jobs included) kept per active prompt."
+    )
+    tick_seconds: float = Field(default=10.0, gt=0, description="Period of the refill tick, in seconds.")
+    job_retries: int = Field(default=3, ge=0, description="Times a failed sampling job is retried.")
 
 
 class Settings(BaseSettings):
@@ -96,8 +180,11 @@ class Settings(BaseSettings):
     )
 
     # -- algorithm configs ---------------------------------------------------------------------
-    # Nested typed configs for the diffusion core go here (e.g. `dpo: DPOConfig`, `lora: LoraConfig`),
-    # read from DENSEALIGN_DPO__BETA style variables via `env_nested_delimiter="__"`.
+    # Nested typed configs, read from DENSEALIGN_DPO__BETA style variables (`env_nested_delimiter`).
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig())
+    dpo: DpoConfig = Field(default_factory=lambda: DpoConfig())
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig())
 
     @model_validator(mode="after")
     def _demo_cookie(self) -> Settings:
@@ -119,3 +206,22 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read settings from the environment now (call from entry points only)."""
     return Settings()
+
+
+class SettingsError(ValueError):
+    """Settings that cannot run; the message is one line naming each variable and what to fix."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """`Settings()` for entry points, with validation errors turned into one readable line."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            name = "DENSEALIGN_" + "__".join(loc).upper()
+            problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

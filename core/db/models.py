@@ -187,3 +187,19 @@ class TrainingRound(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class TrainingRoundPair(Base):
+    """A decided pair a training round used, with the side that won, so no label is counted twice.
+
+    Written when the round starts (so a resumed round trains on exactly the same pairs) and kept
+    after it ends; a pair used by a round that finished is never used again.
+    """
+
+    __tablename__ = "training_round_pairs"
+    __table_args__ = (CheckConstraint(_in("winner", SIDES), name="winner"),)
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("training_rounds.id"), primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), primary_key=True, index=True)
+    winner: Mapped[str] = mapped_column(String(1))
+    judgements: Mapped[int] = mapped_column(Integer)

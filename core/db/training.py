@@ -12,12 +12,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
 from core.db.errors import InvalidInput, NotFound
-from core.db.models import Judgement, Pair, Prompt, TrainingRound, Trajectory
+from core.db.models import Judgement, Pair, Prompt, TrainingRound, TrainingRoundPair, Trajectory
 from core.db.policies import get_policy_version
 
 
@@ -133,3 +133,54 @@ def finish_training_round(
     row.metrics, row.finished_at = metrics or {}, utcnow()
     session.flush()
     return row
+
+
+def used_pair_ids(*, session: Session) -> set[int]:
+    """Pairs that a finished or running round has trained on (never used again)."""
+    rows = session.scalars(
+        select(TrainingRoundPair.pair_id).join(TrainingRound).where(TrainingRound.status != "failed")
+    )
+    return set(rows)
+
+
+def fresh_preference_pairs(*, session: Session, min_version: int) -> list[PreferencePair]:
+    """Complete, decisive pairs from versions >= `min_version` that no round has used yet."""
+    latest = session.scalar(select(func.max(Pair.policy_version))) or 0
+    used = used_pair_ids(session=session)
+    pairs = preference_pairs(session=session, versions=range(min_version, latest + 1))
+    return [p for p in pairs if p.pair_id not in used]
+
+
+def running_round(*, session: Session) -> TrainingRound | None:
+    """The round a killed trainer left running, if any (the trainer resumes it first)."""
+    return session.scalar(
+        select(TrainingRound).where(TrainingRound.status == "running").order_by(TrainingRound.id)
+    )
+
+
+def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[PreferencePair]) -> None:
+    """Remember which pairs (and which winner) a round trains on, before it trains."""
+    by_id = {p.pair_id: p for p in pairs}
+    rows = session.execute(select(Pair.id, Pair.trajectory_a_id).where(Pair.id.in_(list(by_id))))
+    for pair_id, traj_a in rows:
+        p = by_id[pair_id]
+        winner = "a" if p.winner_trajectory_id == traj_a else "b"
+        session.add(TrainingRoundPair(round_id=round_id, pair_id=pair_id, winner=winner, judgements=p.votes))
+    session.flush()
+
+
+def round_preference_pairs(*, session: Session, round_id: int) -> list[PreferencePair]:
+    """The pairs recorded for a round, in a fixed order, as they were decided when it started."""
+    rows = session.execute(
+        select(Pair, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.judgements)
+        .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .where(TrainingRoundPair.round_id == round_id)
+        .order_by(Pair.id)
+    )
+    out = []
+    for pair, text, winner, votes in rows:
+        a, b = pair.trajectory_a_id, pair.trajectory_b_id
+        w, lo = (a, b) if winner == "a" else (b, a)
+        out.append(PreferencePair(pair.id, text, pair.policy_version, w, lo, votes))
+    return out

@@ -108,6 +108,10 @@ class Policy:
         finally:
             self.pipe.unet.enable_adapters()
 
+    def lora_state(self) -> dict[str, Tensor]:
+        """A CPU copy of the live LoRA tensors (peft key names), which `hot_swap` accepts back."""
+        return {key: param.detach().to("cpu").clone() for key, param in self._param_by_key.items()}
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """The adapter in diffusers' key format, without the `unet.` prefix."""
         peft_sd = get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)

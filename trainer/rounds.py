@@ -1,0 +1,292 @@
+"""A training round: decided pairs in, a new published policy version out, resumable at any point.
+
+1. Pick the pairs: decided pairs (`core.db.training`) from versions at most `max_version_lag` behind
+   the current one, not used by any earlier round. They are recorded with the round, so a resumed
+   round trains on exactly the same pairs and no label is counted twice.
+2. Start from the current version's adapter and optimizer state (version 0: the base model).
+3. `steps_per_round` optimizer steps of discounted dense-reward DPO; step k draws its pairs and step
+   indices from a generator seeded by (seed, round, k), so a resumed round repeats the same draws.
+   Every `checkpoint_every` steps the adapter, optimizer and metric sums go to the blob store
+   (atomic writes); a killed trainer resumes from the last one.
+4. Publish: write the adapter (diffusers safetensors) and optimizer state under policies/vN/, then
+   in one transaction insert version N (with the round's metrics), make it current and close the
+   round. Only then is the version visible, so nobody sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db.policies import (
+    get_current_policy,
+    get_policy_version,
+    latest_version_number,
+    publish_policy_version,
+)
+from core.db.training import (
+    finish_training_round,
+    fresh_preference_pairs,
+    record_round_pairs,
+    round_preference_pairs,
+    running_round,
+    start_training_round,
+    trajectory_keys,
+)
+from core.diffusion.ddim import ddim_schedule
+from core.diffusion.policy import WEIGHT_NAME, Policy
+from core.diffusion.sampler import Trajectory
+from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, train_step
+from core.storage import BlobNotFound, BlobStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    hp: DpoHyperparameters
+    lr: float = 3e-5
+    weight_decay: float = 2e-3
+    pairs_per_step: int = 4
+    steps_per_round: int = 100
+    min_new_pairs: int = 32
+    max_version_lag: int = 2
+    checkpoint_every: int = 20
+    seed: int = 0
+
+
+@dataclass
+class RoundMetrics:
+    """Sums over a round's steps, turned into the published metrics at the end."""
+
+    num_steps: int
+    steps: int = 0
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("loss", "implicit_accuracy", "mean_abs_logratio", "clipped_share", "grad_norm"), 0.0
+        )
+    )
+    by_step_abs: list[float] = field(default_factory=list)
+    by_step_clipped: list[float] = field(default_factory=list)
+    by_step_count: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.by_step_count:
+            self.by_step_abs = [0.0] * self.num_steps
+            self.by_step_clipped = [0.0] * self.num_steps
+            self.by_step_count = [0] * self.num_steps
+
+    def add(self, m: Any, clip: float) -> None:
+        self.steps += 1
+        for key in self.sums:
+            self.sums[key] += float(getattr(m, key))
+        for idx, lw, ll in zip(
+            m.step_indices.flatten().tolist(),
+            m.logratio_w.flatten().tolist(),
+            m.logratio_l.flatten().tolist(),
+            strict=True,
+        ):
+            for value in (lw, ll):
+                self.by_step_abs[idx] += abs(value)
+                self.by_step_clipped[idx] += float(abs(value) > clip)
+                self.by_step_count[idx] += 1
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        out: dict[str, Any] = {key: value / n for key, value in self.sums.items()}
+        out["optimizer_steps"] = self.steps
+        out["abs_logratio_by_step"] = [
+            (a / c if c else None) for a, c in zip(self.by_step_abs, self.by_step_count, strict=True)
+        ]
+        out["clipped_share_by_step"] = [
+            (a / c if c else None) for a, c in zip(self.by_step_clipped, self.by_step_count, strict=True)
+        ]
+        return out
+
+
+@dataclass
+class Trainer:
+    policy: Policy
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    config: RoundConfig
+    on_publish: Callable[[int], None] | None = None
+    progress: Callable[[int, int], None] | None = None
+
+    def run_once(self) -> int | None:
+        """Resume a running round, or start one if enough labels wait; returns the published version."""
+        with self.sessions() as session, session.begin():
+            round_ = running_round(session=session)
+            if round_ is None:
+                current = get_current_policy(session=session).version
+                pairs = fresh_preference_pairs(
+                    session=session, min_version=max(0, current - self.config.max_version_lag)
+                )
+                if len(pairs) < self.config.min_new_pairs:
+                    return None
+                round_ = start_training_round(session=session, base_version=current)
+                record_round_pairs(session=session, round_id=round_.id, pairs=pairs)
+                logger.info("round %d: %d decided pairs, base version %d", round_.id, len(pairs), current)
+            else:
+                logger.info("resuming round %d", round_.id)
+            round_id, base_version = round_.id, round_.base_version
+        return self._train(round_id, base_version)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _load_examples(self, round_id: int) -> tuple[list[tuple[str, str, str]], int]:
+        """(prompt, winner trajectory key, loser trajectory key) per pair of the round, and the vote count."""
+        with self.sessions() as session:
+            pairs = round_preference_pairs(session=session, round_id=round_id)
+            ids = [p.winner_trajectory_id for p in pairs] + [p.loser_trajectory_id for p in pairs]
+            rows = trajectory_keys(session=session, trajectory_ids=ids)
+        out = []
+        for p in pairs:
+            w, lo = rows[p.winner_trajectory_id].latents_key, rows[p.loser_trajectory_id].latents_key
+            assert w is not None and lo is not None
+            out.append((p.prompt, w, lo))
+        return out, sum(p.votes for p in pairs)
+
+    def _batch(self, examples: list[tuple[str, str, str]], idx: list[int]) -> PairBatch:
+        prompts, ws, ls = [], [], []
+        settings = None
+        for i in idx:
+            text, wkey, lkey = examples[i]
+            tw, tl = Trajectory.from_bytes(self.blobs.get(wkey)), Trajectory.from_bytes(self.blobs.get(lkey))
+            settings = settings or tw.settings
+            if tw.settings != settings or tl.settings != settings:
+                raise ValueError("pairs of one training round were sampled with different sampler settings")
+            prompts.append(text)
+            ws.append(tw.latents)
+            ls.append(tl.latents)
+        assert settings is not None
+        return PairBatch(prompts, torch.stack(ws), torch.stack(ls), settings)
+
+    def _start_state(self, base_version: int) -> torch.optim.Optimizer:
+        with self.sessions() as session:
+            base = get_policy_version(session=session, version=base_version)
+            lora_key = base.lora_key
+        if lora_key is None:
+            self.policy.reset_adapter()
+        else:
+            self.policy.hot_swap(_load_safetensors(self.blobs.get(lora_key)))
+        optimizer = make_optimizer(self.policy, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        try:
+            state = torch.load(
+                io.BytesIO(self.blobs.get(f"policies/v{base_version}/optimizer.pt")), weights_only=True
+            )
+            optimizer.load_state_dict(state)
+        except BlobNotFound:
+            pass
+        return optimizer
+
+    def _train(self, round_id: int, base_version: int) -> int:
+        started = time.perf_counter()
+        examples, labels_used = self._load_examples(round_id)
+        pairs_used = len(examples)
+        optimizer = self._start_state(base_version)
+        ckpt_key = f"rounds/{round_id}/checkpoint.pt"
+        first = self._batch(examples, [0])
+        schedule = ddim_schedule(
+            self.policy.pipe.scheduler, first.settings.num_steps, self.policy.unet.device
+        )
+        metrics = RoundMetrics(num_steps=first.settings.num_steps)
+        start_step = 0
+        if self.blobs.exists(ckpt_key):
+            ckpt = torch.load(io.BytesIO(self.blobs.get(ckpt_key)), weights_only=False)
+            self.policy.hot_swap(ckpt["adapter"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            metrics = ckpt["metrics"]
+            start_step = ckpt["step"]
+            logger.info("round %d: resumed at step %d", round_id, start_step)
+        cfg = self.config
+        for step in range(start_step, cfg.steps_per_round):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_id * 10_007 + step)
+            idx = torch.randint(
+                len(examples), (min(cfg.pairs_per_step, len(examples)),), generator=gen
+            ).tolist()
+            m = train_step(self.policy, optimizer, self._batch(examples, idx), cfg.hp, schedule, gen)
+            metrics.add(m, cfg.hp.clip)
+            if self.progress:
+                self.progress(step + 1, cfg.steps_per_round)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps_per_round:
+                self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
+        summary = metrics.summary() | {
+            "pairs_used": pairs_used,
+            "labels_used": labels_used,
+            "round_seconds": time.perf_counter() - started,
+            "gamma": cfg.hp.gamma,
+            "beta": cfg.hp.beta,
+            "clip": cfg.hp.clip,
+            "sampled_steps": cfg.hp.num_sampled_steps,
+        }
+        version = self._publish(round_id, base_version, optimizer, summary)
+        self.blobs.delete(ckpt_key)
+        if self.on_publish:
+            self.on_publish(version)
+        return version
+
+    def _checkpoint(
+        self, key: str, step: int, optimizer: torch.optim.Optimizer, metrics: RoundMetrics
+    ) -> None:
+        buf = io.BytesIO()
+        adapter = self.policy.lora_state()
+        torch.save(
+            {"step": step, "adapter": adapter, "optimizer": optimizer.state_dict(), "metrics": metrics}, buf
+        )
+        self.blobs.put(key, buf.getvalue())
+
+    def _publish(
+        self, round_id: int, base_version: int, optimizer: torch.optim.Optimizer, metrics: dict[str, Any]
+    ) -> int:
+        with self.sessions() as session:
+            version = (latest_version_number(session=session) or 0) + 1
+        with tempfile.TemporaryDirectory() as tmp:
+            path, _ = self.policy.save_adapter(tmp)
+            data = Path(path).read_bytes()
+        lora_key = f"policies/v{version}/{WEIGHT_NAME}"
+        sha = self.blobs.put(lora_key, data)
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        self.blobs.put(f"policies/v{version}/optimizer.pt", buf.getvalue())
+        with self.sessions() as session, session.begin():
+            publish_policy_version(
+                session=session,
+                version=version,
+                parent_version=base_version,
+                lora_key=lora_key,
+                lora_sha256=sha,
+                metrics=metrics,
+                make_current=True,
+            )
+            finish_training_round(
+                session=session,
+                round_id=round_id,
+                status="done",
+                produced_version=version,
+                pairs_used=metrics["pairs_used"],
+                judgements_used=metrics["labels_used"],
+                metrics=metrics,
+            )
+        logger.info(
+            "round %d published policy version %d (implicit accuracy %.3f)",
+            round_id,
+            version,
+            metrics["implicit_accuracy"],
+        )
+        return version
+
+
+def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
