@@ -19,6 +19,7 @@ from core.db.base import utcnow
 from core.db.errors import (
     AlreadyJudged,
     ClientKeyReused,
+    DomainError,
     InvalidInput,
     JudgementNotFound,
     PairNotLeased,
@@ -49,6 +50,15 @@ def record_judgement(
         raise InvalidInput(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
     if decide_ms is not None and decide_ms < 0:
         raise InvalidInput(f"decide_ms {decide_ms} is negative; send the milliseconds taken to decide")
+
+    # A retry of this very judgement may commit between any two of the checks below, so every
+    # refusal first looks for the key again: a repeat must never be answered with an error.
+    def repeat_or(refusal: DomainError) -> Recorded:
+        existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
+        if existing is not None:
+            return Recorded(existing, created=False)
+        raise refusal
+
     existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
     if existing is not None:
         return Recorded(existing, created=False)
@@ -56,10 +66,10 @@ def record_judgement(
     if session.scalar(
         select(Judgement.id).where(Judgement.pair_id == pair_id, Judgement.labeller_id == labeller_id)
     ):
-        raise AlreadyJudged(pair_id, labeller_id)
+        return repeat_or(AlreadyJudged(pair_id, labeller_id))
     lease = lease_for(session=session, pair_id=pair_id, labeller_id=labeller_id)
     if lease is None:
-        raise PairNotLeased(pair_id, labeller_id)
+        return repeat_or(PairNotLeased(pair_id, labeller_id))
     judgement = Judgement(
         pair_id=pair_id,
         labeller_id=labeller_id,
@@ -76,10 +86,7 @@ def record_judgement(
             session.execute(delete(Lease).where(Lease.id == lease.id))
     except IntegrityError:
         # Lost a race with an identical request (same key) or a second tab (same pair).
-        existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
-        if existing is not None:
-            return Recorded(existing, created=False)
-        raise AlreadyJudged(pair_id, labeller_id) from None
+        return repeat_or(AlreadyJudged(pair_id, labeller_id))
     return Recorded(judgement, created=True)
 
 

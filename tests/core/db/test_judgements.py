@@ -145,15 +145,11 @@ def test_undo_does_not_steal_a_live_lease(
     assert _count(session) == 1
 
 
-def test_concurrent_identical_posts_record_one_judgement(engine_committed: Committed) -> None:
-    """Eight threads retry the same judgement at once (same client key): one row, one id for all."""
-    factory, labeller_ids, _ = engine_committed
-    who = labeller_ids[0]
-    with factory() as session:
-        got = next_pair(session=session, labeller_id=who, lease_seconds=60)
-        assert got is not None
-        session.commit()
-    barrier = threading.Barrier(8)
+def _post_at_once(
+    factory: Callable[[], Session], who: int, pair_id: int, key: str, threads: int = 8
+) -> tuple[list[tuple[int, bool]], list[BaseException]]:
+    """Post one judgement from `threads` threads released together; (judgement id, created) each."""
+    barrier = threading.Barrier(threads)
     outcomes: list[tuple[int, bool]] = []
     errors: list[BaseException] = []
 
@@ -162,20 +158,35 @@ def test_concurrent_identical_posts_record_one_judgement(engine_committed: Commi
             barrier.wait()
             with factory() as session:
                 done = record_judgement(
-                    session=session, labeller_id=who, pair_id=got.pair.id, choice="a", client_key="retry-key"
+                    session=session, labeller_id=who, pair_id=pair_id, choice="a", client_key=key
                 )
                 session.commit()
                 outcomes.append((done.judgement.id, done.created))
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=post) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors
-    assert len({judgement_id for judgement_id, _ in outcomes}) == 1
-    assert sum(created for _, created in outcomes) == 1 and len(outcomes) == 8
-    with factory() as session:
-        assert _count(session) == 1
+    workers = [threading.Thread(target=post) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    return outcomes, errors
+
+
+def test_concurrent_identical_posts_record_one_judgement(engine_committed: Committed) -> None:
+    """Eight threads retry the same judgement at once (same client key): one row, one id for all.
+
+    Repeated for six labellers, since a race shows up only in some interleavings.
+    """
+    factory, labeller_ids, _ = engine_committed
+    for number, who in enumerate(labeller_ids[:6]):
+        with factory() as session:
+            got = next_pair(session=session, labeller_id=who, lease_seconds=60)
+            assert got is not None
+            session.commit()
+        outcomes, errors = _post_at_once(factory, who, got.pair.id, f"retry-key-{number}")
+        assert not errors
+        assert len({judgement_id for judgement_id, _ in outcomes}) == 1
+        assert sum(created for _, created in outcomes) == 1 and len(outcomes) == 8
+        with factory() as session:
+            assert _count(session) == number + 1
