@@ -37,19 +37,26 @@ class RqSamplingQueue:
     """`sample_pair` jobs on an RQ queue; failed jobs are retried with back-off."""
 
     def __init__(
-        self, redis: Any, *, retries: int = 3, job_timeout: int = 1800, name: str = QUEUE_NAME
+        self,
+        redis: Any,
+        *,
+        retries: int = 3,
+        retry_intervals: tuple[int, ...] = (2, 10, 30),
+        job_timeout: int = 1800,
+        name: str = QUEUE_NAME,
     ) -> None:
         from rq import Queue
 
         self.redis = redis
         self.retries = retries
+        self.retry_intervals = list(retry_intervals)
         self.job_timeout = job_timeout
         self.queue = Queue(name, connection=redis)
 
     def enqueue_sample_pair(self, prompt_id: int) -> str:
         from rq import Retry
 
-        retry = Retry(max=self.retries, interval=[2, 10, 30][: self.retries] or 0) if self.retries else None
+        retry = Retry(max=self.retries, interval=self.retry_intervals) if self.retries else None
         job = self.queue.enqueue(
             SAMPLE_PAIR,
             kwargs=SamplePair(prompt_id=prompt_id).kwargs(),

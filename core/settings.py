@@ -181,10 +181,22 @@ class Settings(BaseSettings):
 
     # -- algorithm configs ---------------------------------------------------------------------
     # Nested typed configs, read from DENSEALIGN_DPO__BETA style variables (`env_nested_delimiter`).
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
-    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig())
-    dpo: DpoConfig = Field(default_factory=lambda: DpoConfig())
-    pool: PoolConfig = Field(default_factory=lambda: PoolConfig())
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(),
+        description="The base model and the LoRA adapter's shape (DENSEALIGN_MODEL__<FIELD>).",
+    )
+    sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(),
+        description="How workers sample trajectories (DENSEALIGN_SAMPLER__<FIELD>).",
+    )
+    dpo: DpoConfig = Field(
+        default_factory=lambda: DpoConfig(),
+        description="The training loss, optimizer and round schedule (DENSEALIGN_DPO__<FIELD>).",
+    )
+    pool: PoolConfig = Field(
+        default_factory=lambda: PoolConfig(),
+        description="The pool of unlabelled pairs kept ready for annotators (DENSEALIGN_POOL__<FIELD>).",
+    )
 
     @model_validator(mode="after")
     def _demo_cookie(self) -> Settings:
