@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import core
 
 # name -> (module with a `main(argv: list[str]) -> int`, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("app.serve", "run the web app and REST API"),
+    "migrate": ("core.db.migrate", "upgrade (or --down) the database schema with Alembic"),
+    "invite": ("app.invite", "print a one-time invite link for a new labeller (--role admin)"),
+    "worker": ("worker.main", "serve sampling jobs: sample pairs with the current policy"),
+    "trainer": ("trainer.main", "train rounds on new labels and publish policy versions"),
+    "export": ("trainer.export", "write a published adapter in diffusers or kohya format"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from core.diffusion.models import load_pipeline
 from core.pool import refill_pool
 from core.queue import QUEUE_NAME, RqSamplingQueue
 from core.settings import Settings
+from trainer.export import main as export_main
 from trainer.main import build_trainer
 from worker.main import build_sampler
 from worker.sampling import Sampler, install
@@ -89,7 +90,9 @@ def label_everything(client: TestClient, token: str) -> int:
 
 
 @pytest.mark.slow
-def test_online_loop_end_to_end(loop_settings: Settings, redis: Any, tmp_path: Path) -> None:
+def test_online_loop_end_to_end(
+    loop_settings: Settings, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
     settings = loop_settings
     token = seed_database(settings)
     sampler = build_sampler(settings)
@@ -149,3 +152,16 @@ def test_online_loop_end_to_end(loop_settings: Settings, redis: Any, tmp_path: P
         assert trajectory is not None
         stored = Image.open(io.BytesIO(sampler.blobs.get(trajectory.image_key)))
         assert np.array_equal(np.asarray(image), np.asarray(stored))
+
+    # 6. the CLI exports the same adapter for diffusers and for kohya-style tools
+    monkeypatch.setenv("DENSEALIGN_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("DENSEALIGN_BLOB_DIR", settings.blob_dir)
+    for fmt, name in (
+        ("diffusers", "pytorch_lora_weights.safetensors"),
+        ("kohya", "densealign_lora_kohya.safetensors"),
+    ):
+        assert export_main(["--version", "1", "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        assert (tmp_path / fmt / name).stat().st_size > 0
+    assert (tmp_path / "diffusers" / "pytorch_lora_weights.safetensors").read_bytes() == download.content
+    assert export_main(["--version", "0", "--out", str(tmp_path / "v0")]) == 2
+    assert "base model" in capsys.readouterr().err
