@@ -13,6 +13,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.errors import install_error_handlers
 from app.middleware import BodySizeLimit
+from app.refill import PoolRefiller
 from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
 from core.db.engine import make_engine, make_session_factory
 from core.settings import Settings
@@ -36,6 +37,7 @@ def create_app(
     *,
     session_factory: sessionmaker[Session] | None = None,
     blob_store: BlobStore | None = None,
+    refiller: PoolRefiller | None = None,
 ) -> FastAPI:
     """Build the app. The schema must already exist (`densealign migrate`); nothing is created here."""
     if settings.secret_key is not None:
@@ -56,6 +58,8 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
     app.state.blob_store = blob_store or LocalBlobStore(settings.blob_dir)
+    # Pokes the sampling pool after judgements; None (tests, tools) leaves it to the workers' tick.
+    app.state.refiller = refiller
     install_error_handlers(app)
     app.add_middleware(
         SessionMiddleware,

@@ -8,6 +8,8 @@ import logging
 import uvicorn
 
 from app.main import MissingSecretKey, create_app
+from app.refill import rq_refiller
+from core.db import make_engine, make_session_factory
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(settings)
+        sessions = make_session_factory(make_engine(settings.database_url))
+        app = create_app(settings, session_factory=sessions, refiller=rq_refiller(settings, sessions))
     except MissingSecretKey as exc:
         log.error("%s", exc)
         return 2

@@ -25,6 +25,13 @@ from core.storage import LocalBlobStore
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose service is missing, or fail it where services are required (CI)."""
+    if os.environ.get("DENSEALIGN_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (DENSEALIGN_REQUIRE_SERVICES=1: services must be up)")
+    pytest.skip(reason)
+
+
 def postgres_admin_url() -> str:
     return os.environ.get("DENSEALIGN_TEST_POSTGRES_URL", DEFAULT_PG)
 
@@ -47,7 +54,7 @@ def scratch_postgres_database() -> Iterator[str]:
     """Create an empty database, yield its URL, drop it afterwards."""
     problem = _postgres_problem()
     if problem:
-        pytest.skip(problem)
+        skip_or_fail(problem)
     name = f"densealign_t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

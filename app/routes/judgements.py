@@ -18,7 +18,11 @@ router = APIRouter(tags=["judgements"])
     responses={200: {"description": "A repeat of an earlier request with the same client_key."}},
 )
 def create_judgement(
-    body: JudgementCreate, response: Response, session: SessionDep, labeller: CurrentLabeller
+    body: JudgementCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    labeller: CurrentLabeller,
 ) -> JudgementPublic:
     """Record a judgement of a pair leased to you. Idempotent: a repeated client_key records one."""
     recorded = record_judgement(
@@ -32,6 +36,8 @@ def create_judgement(
     session.commit()
     if not recorded.created:
         response.status_code = 200
+    elif request.app.state.refiller is not None:
+        request.app.state.refiller.poke()
     return JudgementPublic.model_validate(recorded.judgement)
 
 

@@ -26,7 +26,7 @@ from core.db.prompts import add_prompt
 from core.settings import Settings
 from core.storage import LocalBlobStore
 from tests.app.conftest import png_bytes
-from tests.conftest import migrate, scratch_postgres_database
+from tests.conftest import migrate, scratch_postgres_database, skip_or_fail
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -56,7 +56,7 @@ def live_app(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     """Serve the app on a free port over a migrated scratch database with 5 pairs; yields
     (base URL, invite path, database URL)."""
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
+        skip_or_fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     with scratch_postgres_database() as url:
         migrate(url)

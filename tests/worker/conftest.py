@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
-from tests.conftest import migrate, scratch_postgres_database
+from tests.conftest import migrate, scratch_postgres_database, skip_or_fail
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REDIS_URL = os.environ.get("DENSEALIGN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -24,7 +24,7 @@ def redis() -> Iterator[Any]:
     try:
         client.ping()
     except Exception as exc:
-        pytest.skip(f"Redis at {REDIS_URL} is not reachable ({type(exc).__name__}); .ci/run starts it")
+        skip_or_fail(f"Redis at {REDIS_URL} is not reachable ({type(exc).__name__}); .ci/run starts it")
     client.flushdb()
     yield client
     client.flushdb()
