@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from core.basemodel.architecture import Sizes
 from core.basemodel.train import TrainConfig, train_base
 from core.diffusion.models import load_pipeline
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
 
 
+@pytest.mark.slow
 def test_train_base_writes_a_loadable_pipeline(tmp_path):
     config = TrainConfig(vae_steps=2, vae_batch=4, num_examples=8, unet_steps=2, unet_batch=4, warmup_steps=1)
     sizes = Sizes(vae_channels=(16, 16), unet_channels=(32, 32), text_width=32, text_layers=1)
