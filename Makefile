@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make test` and (later) `make demo`.
+# The two commands a newcomer needs: `make demo` and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test lint typecheck install clean bench-core
+.PHONY: test demo lint typecheck install clean bench-core bench-loop
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# The whole loop on this machine: SQLite, in-process queue, the shipped model on the CPU.
+# `make demo ORACLE=faithfulness` adds a programmatic labeller so the loop runs unattended.
+ORACLE ?= none
+PORT   ?= 8000
+demo: $(STAMP)
+	$(VENV)/bin/densealign demo --oracle $(ORACLE) --port $(PORT)
+
+bench-loop: $(STAMP)
+	$(PY) bench/loop.py
 
 bench-core: $(STAMP)
 	$(PY) bench/core.py

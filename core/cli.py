@@ -21,26 +21,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.main", "serve sampling jobs: sample pairs with the current policy"),
     "trainer": ("trainer.main", "train rounds on new labels and publish policy versions"),
     "export": ("trainer.export", "write a published adapter in diffusers or kohya format"),
+    "demo": ("app.demo", "run app, worker and trainer on this machine (SQLite, no Redis, CPU)"),
+    "label": ("app.label", "a programmatic labeller over the REST API (--preference faithfulness)"),
+    "eval": (
+        "trainer.eval",
+        "the faithfulness judge's acceptance of a version's samples, next to version 0's",
+    ),
+    "train-base": ("core.basemodel.train", "train the shipped shapes base model from scratch (seeded)"),
+    "eval-base": ("core.basemodel.evaluate", "judge acceptance of a shapes model's samples, with baselines"),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        # Everything after the command name belongs to the command's own parser.
+        module = importlib.import_module(COMMANDS[args[0]][0])
+        try:
+            return int(module.main(args[1:]) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     parser = argparse.ArgumentParser(prog="densealign", description="DenseAlign command line.")
     parser.add_argument("--version", action="version", version=f"densealign {core.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in sorted(COMMANDS.items()):
-        sub = commands.add_parser(name, help=help_text, add_help=False)
-        sub.add_argument("args", nargs=argparse.REMAINDER)
-    ns = parser.parse_args(argv)
-    if ns.command is None:
-        parser.print_help()
-        return 2
-    module = importlib.import_module(COMMANDS[ns.command][0])
-    try:
-        return int(module.main(list(ns.args)) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        commands.add_parser(name, help=help_text)
+    parser.parse_args(args)
+    parser.print_help()
+    return 2
 
 
 if __name__ == "__main__":

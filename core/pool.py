@@ -12,6 +12,7 @@ refill simply tops the pool up again.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from sqlalchemy import func, select
@@ -45,6 +46,31 @@ def open_pairs_by_prompt(*, session: Session, min_version: int) -> dict[int, int
     return {prompt_id: count for prompt_id, count in rows}
 
 
+class MemorySlots:
+    """Job slots kept in this process (the embedded mode, where there is no Redis)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[str, str]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, prompt_id: int) -> dict[str, str]:
+        return dict(self._slots.get(prompt_id, {}))
+
+    def set(self, prompt_id: int, slot: str, job_id: str) -> None:
+        self._slots.setdefault(prompt_id, {})[slot] = job_id
+
+
+class RedisSlots:
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    def get(self, prompt_id: int) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(slots_key(prompt_id)).items()}
+
+    def set(self, prompt_id: int, slot: str, job_id: str) -> None:
+        self.redis.hset(slots_key(prompt_id), slot, job_id)
+
+
 def refill_pool(
     *,
     session: Session,
@@ -53,15 +79,25 @@ def refill_pool(
     target_per_prompt: int,
     max_version_lag: int,
 ) -> int:
-    """Enqueue sampling jobs for prompts below target; returns how many were enqueued."""
+    """Enqueue sampling jobs for prompts below target; returns how many were enqueued.
+
+    With `redis`, slots and the lock live in Redis (many processes); without, the queue must carry
+    its own `slots` (a `MemorySlots`, as the embedded `ThreadQueue` does).
+    """
     if redis is None:
-        return _refill(session, queue, None, target_per_prompt, max_version_lag)
+        slots = getattr(queue, "slots", None)
+        if not isinstance(slots, MemorySlots):
+            raise ValueError(
+                "without Redis, the queue must keep its own job slots (use core.queue.ThreadQueue)"
+            )
+        with slots.lock:
+            return _refill(session, queue, slots, target_per_prompt, max_version_lag)
     lock = redis.lock(LOCK_KEY, timeout=60, blocking_timeout=10)
     if not lock.acquire():
         logger.info("another process is refilling the pool; skipping this tick")
         return 0
     try:
-        return _refill(session, queue, redis, target_per_prompt, max_version_lag)
+        return _refill(session, queue, RedisSlots(redis), target_per_prompt, max_version_lag)
     finally:
         try:
             lock.release()
@@ -69,7 +105,9 @@ def refill_pool(
             logger.warning("pool lock expired before release")
 
 
-def _refill(session: Session, queue: SamplingQueue, redis: Any | None, target: int, lag: int) -> int:
+def _refill(
+    session: Session, queue: SamplingQueue, slots: MemorySlots | RedisSlots, target: int, lag: int
+) -> int:
     current = get_current_policy(session=session).version
     open_pairs = open_pairs_by_prompt(session=session, min_version=max(0, current - lag))
     prompts = session.scalars(
@@ -77,17 +115,11 @@ def _refill(session: Session, queue: SamplingQueue, redis: Any | None, target: i
     ).all()
     enqueued = 0
     for prompt_id in prompts:
-        slots: dict[str, str] = {}
-        if redis is not None:
-            raw = redis.hgetall(slots_key(prompt_id))
-            slots = {_s(k): _s(v) for k, v in raw.items()}
-        busy = {slot for slot, job_id in slots.items() if queue.is_active(job_id)}
+        busy = {slot for slot, job_id in slots.get(prompt_id).items() if queue.is_active(job_id)}
         deficit = target - open_pairs.get(prompt_id, 0) - len(busy)
         free = [str(s) for s in range(target) if str(s) not in busy]
         for slot in free[: max(0, deficit)]:
-            job_id = queue.enqueue_sample_pair(prompt_id)
-            if redis is not None:
-                redis.hset(slots_key(prompt_id), slot, job_id)
+            slots.set(prompt_id, slot, queue.enqueue_sample_pair(prompt_id))
             enqueued += 1
     if enqueued:
         logger.info("pool refill: enqueued %d sampling jobs for %d prompts", enqueued, len(prompts))

@@ -82,20 +82,62 @@ class RqSamplingQueue:
         return int(self.queue.count)
 
 
-class InProcessQueue:
-    """Runs each job synchronously when enqueued (tests) or hands it to a callback (embedded mode)."""
+class ThreadQueue:
+    """Jobs run by worker threads of this process (the embedded mode: no Redis, no RQ).
 
-    def __init__(self, run: Callable[[int], Any]) -> None:
-        self._run = run
+    `run_worker(handler, stop)` serves jobs until `stop` is set; a failed job is retried up to
+    `retries` times. `slots` lets `core.pool.refill_pool` track jobs per prompt without Redis.
+    """
+
+    def __init__(self, *, retries: int = 3) -> None:
+        import queue as stdlib_queue
+        import threading
+
+        from core.pool import MemorySlots
+
+        self.retries = retries
+        self.slots = MemorySlots()
+        self._jobs: stdlib_queue.Queue[tuple[str, int, int]] = stdlib_queue.Queue()
+        self._status: dict[str, str] = {}
+        self._lock = threading.Lock()
         self._counter = 0
 
     def enqueue_sample_pair(self, prompt_id: int) -> str:
-        self._counter += 1
-        self._run(prompt_id)
-        return f"inproc-{self._counter}"
+        with self._lock:
+            self._counter += 1
+            job_id = f"local-{self._counter}"
+            self._status[job_id] = "queued"
+        self._jobs.put((job_id, prompt_id, 0))
+        return job_id
 
     def is_active(self, job_id: str) -> bool:
-        return False
+        with self._lock:
+            return self._status.get(job_id) in ACTIVE_STATUSES
 
     def depth(self) -> int:
-        return 0
+        return self._jobs.qsize()
+
+    def run_worker(self, handler: Callable[[int], Any], stop: Any, poll: float = 0.5) -> None:
+        import queue as stdlib_queue
+
+        while not stop.is_set():
+            try:
+                job_id, prompt_id, attempt = self._jobs.get(timeout=poll)
+            except stdlib_queue.Empty:
+                continue
+            with self._lock:
+                self._status[job_id] = "started"
+            try:
+                handler(prompt_id)
+            except Exception:
+                logger.exception("job %s (prompt %d) failed on attempt %d", job_id, prompt_id, attempt + 1)
+                if attempt < self.retries:
+                    with self._lock:
+                        self._status[job_id] = "queued"
+                    self._jobs.put((job_id, prompt_id, attempt + 1))
+                    continue
+                with self._lock:
+                    self._status[job_id] = "failed"
+                continue
+            with self._lock:
+                self._status[job_id] = "finished"

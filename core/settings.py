@@ -97,7 +97,10 @@ class PoolConfig(BaseModel):
 class Settings(BaseSettings):
     """Every knob of a DenseAlign deployment; each field maps to `DENSEALIGN_<FIELD>`."""
 
-    model_config = SettingsConfigDict(env_prefix="DENSEALIGN_", env_nested_delimiter="__", extra="ignore")
+    # An empty variable means "unset" for optional fields (e.g. DENSEALIGN_MODEL__LORA_ALPHA=).
+    model_config = SettingsConfigDict(
+        env_prefix="DENSEALIGN_", env_nested_delimiter="__", extra="ignore", env_parse_none_str=""
+    )
 
     # -- storage and services ------------------------------------------------------------------
     database_url: str = Field(

@@ -18,7 +18,9 @@ logger = logging.getLogger("densealign.trainer")
 POLICY_CHANNEL = "densealign:policy"
 
 
-def build_trainer(settings: Settings, on_publish: Any = None, progress: Any = None) -> Any:
+def build_trainer(
+    settings: Settings, on_publish: Any = None, progress: Any = None, evaluate: Any = None
+) -> Any:
     import torch
 
     from core.db import make_engine, make_session_factory
@@ -62,6 +64,7 @@ def build_trainer(settings: Settings, on_publish: Any = None, progress: Any = No
         ),
         on_publish=on_publish,
         progress=progress,
+        evaluate=evaluate,
     )
 
 

@@ -121,6 +121,8 @@ class Trainer:
     config: RoundConfig
     on_publish: Callable[[int], None] | None = None
     progress: Callable[[int, int], None] | None = None
+    # Scores the trained policy before publishing (e.g. a judge on held-out seeds); merged into metrics.
+    evaluate: Callable[[Policy], dict[str, Any]] | None = None
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels wait; returns the published version."""
@@ -229,6 +231,8 @@ class Trainer:
             "clip": cfg.hp.clip,
             "sampled_steps": cfg.hp.num_sampled_steps,
         }
+        if self.evaluate is not None:
+            summary |= self.evaluate(self.policy)
         version = self._publish(round_id, base_version, optimizer, summary)
         self.blobs.delete(ckpt_key)
         if self.on_publish:

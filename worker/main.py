@@ -12,13 +12,14 @@ import argparse
 import logging
 import sys
 import threading
+from typing import Any
 
 from core.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("densealign.worker")
 
 
-def build_sampler(settings: Settings) -> object:
+def build_sampler(settings: Settings) -> Any:
     """Load the base model and adapter, and check they fit the current published version."""
     import torch
 

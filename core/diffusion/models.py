@@ -98,7 +98,7 @@ def _from_pretrained(model: str, dtype: torch.dtype) -> Any:
         )
         raise ModelNotFoundError(
             f"cannot load base model {model!r}: {exc.__class__.__name__}. {hint}"
-            "set DENSEALIGN_BASE_MODEL to a local folder that holds model_index.json"
+            "set DENSEALIGN_MODEL__BASE_MODEL to a local folder that holds model_index.json"
         ) from exc
 
 

@@ -1,0 +1,255 @@
+"""`densealign demo` (`make demo`): the whole loop on one machine, no Docker, Postgres, Redis or GPU.
+
+One process runs the web app (uvicorn), a sampling worker and the trainer as threads, on a SQLite
+file and an in-process job queue, with the small shapes model that ships in models/. It migrates
+and seeds a fresh database (version 0, prompts, an admin invite), prints the login link and how
+long it took until pairs were ready, and logs all three parts until Ctrl-C stops them cleanly.
+With `--oracle faithfulness` (`make demo ORACLE=faithfulness`) a programmatic labeller judges pairs
+through the REST API, so the loop runs unattended; each published version is scored by the same
+judge on held-out seeds and printed next to version 0's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("densealign.demo")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "densealign-shapes"
+
+
+def demo_prompts() -> tuple[list[str], list[str]]:
+    """Training prompts the annotators see, and held-out ones for evaluation only."""
+    from core.basemodel.shapes import all_prompts
+
+    prompts = all_prompts()
+    singles, pairs = prompts[:12], prompts[12:]
+    train = singles + pairs[::27][:8]
+    held_out = pairs[13::27][:4]
+    return train, held_out
+
+
+def build_settings(args: argparse.Namespace) -> Any:
+    from core.settings import Settings
+
+    data = Path(args.data).resolve()
+    return Settings(
+        demo=True,
+        cookie_secure=False,
+        database_url=f"sqlite:///{data / 'densealign.db'}",
+        blob_dir=str(data / "blobs"),
+        public_base_url=f"http://{args.host}:{args.port}",
+        overlap_share=0.0,
+        model={"base_model": str(args.model), "device": "cpu", "lora_rank": 4},  # type: ignore[arg-type]
+        sampler={"num_steps": args.steps, "guidance_scale": 7.5},  # type: ignore[arg-type]
+        dpo={  # type: ignore[arg-type]
+            # Scaled to a 4M-parameter model on a CPU: larger steps and clip than SD 1.5's, few steps
+            # per round, so versions arrive every few minutes. gamma, beta and M are the paper's.
+            "min_new_pairs": args.round_labels,
+            "steps_per_round": args.round_steps,
+            "pairs_per_step": 4,
+            "sampled_steps": 3,
+            "lr": args.lr,
+            "clip": args.clip,
+            "checkpoint_every": 10,
+            "poll_seconds": 2.0,
+        },
+        pool={"target_per_prompt": 2, "tick_seconds": 5.0},  # type: ignore[arg-type]
+    )
+
+
+def prepare_database(settings: Any, train: list[str], held_out: list[str]) -> tuple[str, str]:
+    """Migrate, seed version 0 and prompts; returns (admin invite link, oracle token)."""
+    from alembic import command
+
+    from core.db import make_engine, make_session_factory
+    from core.db.labellers import create_invite, create_labeller
+    from core.db.migrate import alembic_config
+    from core.db.policies import publish_policy_version
+    from core.db.prompts import add_prompt
+
+    config = alembic_config(settings.database_url)
+    config.attributes["skip_logging"] = True
+    command.upgrade(config, "head")
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine)() as session, session.begin():
+        publish_policy_version(session=session, version=0)
+        for text in train:
+            add_prompt(session=session, text=text, split="train")
+        for text in held_out:
+            add_prompt(session=session, text=text, split="eval")
+        _, secret = create_invite(session=session, name="admin", role="admin", ttl=dt.timedelta(days=7))
+        token = create_labeller(session=session, name="oracle").token
+    engine.dispose()
+    return f"{settings.public_base_url}/invite/{secret}", token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="densealign demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="var/demo", help="folder for the SQLite file and blobs (wiped)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="base model folder or hub id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--oracle", default="none", help="none, faithfulness, compressibility, incompressibility"
+    )
+    parser.add_argument("--noise", type=float, default=0.0, help="share of the oracle's decisions flipped")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps per image")
+    parser.add_argument("--round-labels", type=int, default=24, help="new decided pairs that start a round")
+    parser.add_argument("--round-steps", type=int, default=20, help="optimizer steps per round")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clip", type=float, default=1e-3)
+    parser.add_argument("--eval-seeds", type=int, default=2, help="held-out seeds per prompt for the judge")
+    parser.add_argument(
+        "--exit-after-versions", type=int, default=None, help="stop once this many are published"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)-8s %(levelname)s %(message)s")
+    for noisy in ("httpx", "uvicorn.access", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+
+    import uvicorn
+
+    from app.label import label_loop
+    from app.main import create_app
+    from app.refill import PoolRefiller
+    from core.db import make_engine, make_session_factory
+    from core.db.models import Pair
+    from core.diffusion.sampler import SamplerSettings
+    from core.pool import refill_pool
+    from core.queue import ThreadQueue
+    from trainer.evaluation import JudgeEvaluator
+    from trainer.main import build_trainer
+    from worker.main import build_sampler
+
+    settings = build_settings(args)
+    data = Path(args.data)
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    train, held_out = demo_prompts()
+    invite_link, oracle_token = prepare_database(settings, train, held_out)
+    sessions = make_session_factory(make_engine(settings.database_url))
+
+    log.info("loading the base model %s", args.model)
+    sampler = build_sampler(settings)
+    judge_name = args.oracle if args.oracle != "none" else "faithfulness"
+    evaluator = JudgeEvaluator(
+        judge=judge_name,
+        prompts=train[:6] + held_out,
+        seeds=[10_000 + i for i in range(args.eval_seeds)],
+        settings=SamplerSettings(num_steps=args.steps, guidance_scale=7.5),
+    )
+    queue = ThreadQueue(retries=settings.pool.job_retries)
+    stop = threading.Event()
+    refiller = PoolRefiller(
+        sessions=sessions,
+        queue=queue,
+        redis=None,
+        target_per_prompt=settings.pool.target_per_prompt,
+        max_version_lag=settings.dpo.max_version_lag,
+    )
+    app = create_app(settings, session_factory=sessions, refiller=refiller)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    scores: dict[int, dict[str, Any]] = {}
+
+    def worker() -> None:
+        queue.run_worker(sampler.sample_pair, stop)
+
+    def tick() -> None:
+        while not stop.is_set():
+            refiller.refill_now()
+            stop.wait(settings.pool.tick_seconds)
+
+    def trainer() -> None:
+        trainer = build_trainer(settings, evaluate=evaluator)
+        scores[0] = evaluator(trainer.policy)
+        log.info(
+            "version 0: %s judge score %.3f, accepts %.0f%%",
+            judge_name,
+            scores[0]["judge_score"],
+            100 * scores[0]["judge_accept"],
+        )
+        while not stop.is_set():
+            version = trainer.run_once()
+            if version is None:
+                stop.wait(settings.dpo.poll_seconds)
+                continue
+            with sessions() as session:
+                from core.db.policies import get_policy_version
+
+                metrics = get_policy_version(session=session, version=version).metrics
+            scores[version] = metrics
+            log.info(
+                "version %d published: %s judge score %.3f (version 0: %.3f), accepts %.0f%% (version 0: %.0f%%)",
+                version,
+                judge_name,
+                metrics["judge_score"],
+                scores[0]["judge_score"],
+                100 * metrics["judge_accept"],
+                100 * scores[0]["judge_accept"],
+            )
+            if args.exit_after_versions is not None and version >= args.exit_after_versions:
+                server.should_exit = True
+                return
+
+    def announce() -> None:
+        while not stop.is_set():
+            with sessions() as session:
+                if session.query(Pair.id).first() is not None:
+                    break
+            stop.wait(0.5)
+        if stop.is_set():
+            return
+        log.info(
+            "pairs are ready after %.0f s. Open %s to log in as admin, then label at %s/label",
+            time.perf_counter() - started,
+            invite_link,
+            settings.public_base_url,
+        )
+        if args.oracle != "none":
+            label_loop(
+                base_url=settings.public_base_url,
+                token=oracle_token,
+                preference=args.oracle,
+                noise=args.noise,
+                stop=stop,
+                name=f"oracle-{args.oracle}",
+            )
+
+    with sessions() as session:
+        refill_pool(
+            session=session,
+            queue=queue,
+            redis=None,
+            target_per_prompt=settings.pool.target_per_prompt,
+            max_version_lag=settings.dpo.max_version_lag,
+        )
+    threads = [
+        threading.Thread(target=fn, name=name, daemon=True)
+        for name, fn in (("worker", worker), ("tick", tick), ("trainer", trainer), ("labeller", announce))
+    ]
+    for thread in threads:
+        thread.start()
+    log.info("DenseAlign demo at %s (Ctrl-C stops everything)", settings.public_base_url)
+    try:
+        server.run()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    if scores:
+        log.info(
+            "summary: "
+            + ", ".join(f"v{v} {m.get('judge_score', float('nan')):.3f}" for v, m in sorted(scores.items()))
+        )
+    return 0

@@ -1,0 +1,42 @@
+"""The demo stack (app, worker, trainer, oracle labeller; SQLite, in-process queue, shipped model)
+runs headless through one training round and publishes a version."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from app.demo import DEFAULT_MODEL
+from app.demo import main as demo_main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_demo_runs_one_round_headless(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert (DEFAULT_MODEL / "model_index.json").is_file(), "the shipped model is missing from models/"
+    data = tmp_path / "demo"
+    caplog.set_level("INFO")
+    rc = demo_main(
+        [
+            "--data", str(data), "--port", str(free_port()), "--oracle", "faithfulness",
+            "--steps", "4", "--round-labels", "4", "--round-steps", "2", "--eval-seeds", "1",
+            "--exit-after-versions", "1",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    db = sqlite3.connect(data / "densealign.db")
+    versions = db.execute("SELECT version, metrics FROM policy_versions ORDER BY version").fetchall()
+    assert [v for v, _ in versions] == [0, 1]
+    assert '"judge_score"' in versions[1][1] and '"pairs_used"' in versions[1][1]
+    judged = db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
+    assert judged >= 4
+    assert any("pairs are ready after" in r.getMessage() for r in caplog.records)
+    assert any("version 1 published" in r.getMessage() for r in caplog.records)
