@@ -30,6 +30,7 @@ def label_loop(
     *,
     base_url: str,
     token: str,
+    client: httpx.Client | None = None,
     preference: str,
     noise: float = 0.0,
     seed: int = 0,
@@ -45,7 +46,10 @@ def label_loop(
     rng = random.Random(seed)
     stop = stop or threading.Event()
     done = 0
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+    owned = client is None
+    client = client or httpx.Client(base_url=base_url, timeout=30)
+    client.headers["Authorization"] = f"Bearer {token}"
+    try:
         while not stop.is_set() and (max_labels is None or done < max_labels):
             try:
                 response = client.get("/api/v1/pairs/next")
@@ -84,6 +88,9 @@ def label_loop(
             except httpx.HTTPError as exc:
                 log.warning("%s: %s; retrying in %.0fs", name, exc, max(idle_wait, 1.0))
                 stop.wait(max(idle_wait, 1.0))
+    finally:
+        if owned:
+            client.close()
     return done
 
 

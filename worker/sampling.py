@@ -55,6 +55,9 @@ class Sampler:
     loaded_version: int = 0
     last_swap_seconds: float | None = None
     rng: random.Random = field(default_factory=random.Random)
+    # Where trajectory seeds come from: fresh OS randomness by default; a seeded Random makes a
+    # whole run reproducible (experiments).
+    seed_source: random.Random | None = None
 
     def sync_policy(self, session: Session) -> int:
         """Make the loaded adapter the current version's; returns that version."""
@@ -89,7 +92,12 @@ class Sampler:
             prompt = get_prompt(session=session, prompt_id=prompt_id)
             text = prompt.text
             version = self.sync_policy(session)
-        seeds = [secrets.randbits(63), secrets.randbits(63)]
+        source = self.seed_source
+        seeds = (
+            [source.getrandbits(63), source.getrandbits(63)]
+            if source
+            else [secrets.randbits(63) for _ in "ab"]
+        )
         batch = sample_trajectories(self.policy.pipe, [text, text], seeds, self.settings)
         written: list[str] = []
         try:
