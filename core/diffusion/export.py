@@ -10,6 +10,7 @@ SDXL files in that ecosystem use the original SGM block names instead; they are 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,13 +60,15 @@ def export_adapter(source: str | Path, out_dir: str | Path, fmt: str) -> Path:
     """Write the adapter at `source` into `out_dir` in `fmt`; returns the written file."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    tensors, metadata = read_adapter(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
+        # The published file already is the diffusers format: copy it byte for byte, so its sha256
+        # stays the one recorded with the version.
         target = out_dir / "pytorch_lora_weights.safetensors"
-        save_file(tensors, str(target), metadata=metadata)
+        shutil.copyfile(source, target)
         return target
+    tensors, metadata = read_adapter(source)
     alpha, rank = adapter_alpha_and_rank(tensors, metadata)
     target = out_dir / "densealign_lora_kohya.safetensors"
     kohya_meta = {
