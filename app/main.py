@@ -15,6 +15,7 @@ from app.errors import install_error_handlers
 from app.middleware import BodySizeLimit
 from app.refill import PoolRefiller
 from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
+from app.schemas import ValidationErrorPublic
 from core.db.engine import make_engine, make_session_factory
 from core.settings import Settings
 from core.storage import BlobStore, LocalBlobStore
@@ -22,6 +23,10 @@ from core.storage import BlobStore, LocalBlobStore
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 API_PREFIX = "/api/v1"
+# The shape app.errors really answers 422 with (FastAPI's default documents a list under `detail`).
+API_RESPONSES: dict[int | str, dict[str, object]] = {
+    422: {"model": ValidationErrorPublic, "description": "The request's data is invalid; `detail` says why."}
+}
 
 
 class MissingSecretKey(RuntimeError):
@@ -71,7 +76,7 @@ def create_app(
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (health, prompts, pairs, judgements, policies, stats, export, labellers):
-        app.include_router(module.router, prefix=API_PREFIX)
+        app.include_router(module.router, prefix=API_PREFIX, responses=API_RESPONSES)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

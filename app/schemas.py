@@ -22,6 +22,24 @@ class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+class ErrorPublic(BaseModel):
+    detail: str = Field(description="What was wrong with the request, and how to fix it.")
+
+
+class FieldErrorPublic(BaseModel):
+    loc: list[str] = Field(description="Where the bad value is, e.g. ['body', 'choice'].")
+    msg: str
+    type: str
+
+
+class ValidationErrorPublic(ErrorPublic):
+    """The body of every 422: `detail` is one readable line, `errors` the same per field."""
+
+    errors: list[FieldErrorPublic] = Field(
+        default_factory=list, description="Per-field errors; empty when a domain rule refused the request."
+    )
+
+
 class HealthPublic(BaseModel):
     status: Literal["ok"]
     database: Literal["ok"]
