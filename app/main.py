@@ -13,6 +13,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from app.errors import install_error_handlers
 from app.middleware import BodySizeLimit
+from app.ratelimit import TokenBucket
 from app.refill import PoolRefiller
 from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
 from app.schemas import ValidationErrorPublic
@@ -65,6 +66,8 @@ def create_app(
     app.state.blob_store = blob_store or LocalBlobStore(settings.blob_dir)
     # Pokes the sampling pool after judgements; None (tests, tools) leaves it to the workers' tick.
     app.state.refiller = refiller
+    app.state.login_limiter = TokenBucket(settings.login_rate_per_minute, settings.login_burst)
+    app.state.judgement_limiter = TokenBucket(settings.judgement_rate_per_minute, settings.judgement_burst)
     install_error_handlers(app)
     app.add_middleware(
         SessionMiddleware,

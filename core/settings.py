@@ -151,6 +151,26 @@ class Settings(BaseSettings):
         description="Largest request body the app accepts, in bytes (bulk prompt imports included); larger "
         "bodies get 413.",
     )
+    login_rate_per_minute: float = Field(
+        default=10.0,
+        gt=0,
+        description="Login attempts (token logins and invite acceptances) each client address may make per "
+        "minute, per app process, after its burst; more get 429 with Retry-After.",
+    )
+    login_burst: int = Field(
+        default=10,
+        ge=1,
+        description="Login attempts a client address may make at once before the rate applies.",
+    )
+    judgement_rate_per_minute: float = Field(
+        default=120.0,
+        gt=0,
+        description="Judgements each labeller may post per minute, per app process, after their burst; more "
+        "get 429 with Retry-After.",
+    )
+    judgement_burst: int = Field(
+        default=60, ge=1, description="Judgements a labeller may post at once before the rate applies."
+    )
     host: str = Field(default="127.0.0.1", description="Interface `densealign serve` binds to.")
     port: int = Field(default=8000, gt=0, lt=65536, description="TCP port `densealign serve` listens on.")
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.deps import CurrentLabeller, SessionDep, SettingsDep
+from app.ratelimit import RateLimitedLabeller
 from app.routes.pairs import assignment_public
-from app.schemas import IdPath, JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
+from app.schemas import ErrorPublic, IdPath, JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
 from core.db.judgements import record_judgement, undo_judgement
 from core.db.stats import labeller_progress
 
@@ -15,14 +16,17 @@ router = APIRouter(tags=["judgements"])
     "/judgements",
     response_model=JudgementPublic,
     status_code=201,
-    responses={200: {"description": "A repeat of an earlier request with the same client_key."}},
+    responses={
+        200: {"description": "A repeat of an earlier request with the same client_key."},
+        429: {"model": ErrorPublic, "description": "Too many judgements; retry after `Retry-After` seconds."},
+    },
 )
 def create_judgement(
     body: JudgementCreate,
     request: Request,
     response: Response,
     session: SessionDep,
-    labeller: CurrentLabeller,
+    labeller: RateLimitedLabeller,
 ) -> JudgementPublic:
     """Record a judgement of a pair leased to you. Idempotent: a repeated client_key records one."""
     recorded = record_judgement(

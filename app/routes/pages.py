@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from app.deps import SessionDep, SettingsDep, check_csrf, csrf_token
+from app.ratelimit import LoginLimit
 from core.db.errors import InviteInvalid
 from core.db.labellers import accept_invite, find_invite, labeller_by_token
 from core.db.models import Labeller
@@ -51,7 +52,7 @@ def invite_page(secret: str, request: Request, session: SessionDep) -> HTMLRespo
     return render(request, "invite.html", name=invite.name, secret=secret)
 
 
-@router.post("/invite/{secret}")
+@router.post("/invite/{secret}", dependencies=[LoginLimit])
 def accept(
     secret: str, request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None
 ) -> HTMLResponse:
@@ -70,7 +71,7 @@ def login_page(request: Request) -> HTMLResponse:
     return render(request, "login.html", error=None)
 
 
-@router.post("/login")
+@router.post("/login", dependencies=[LoginLimit])
 def login(
     request: Request,
     session: SessionDep,
