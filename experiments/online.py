@@ -84,7 +84,7 @@ def run_cell(
             sampler={"num_steps": args.steps, "guidance_scale": 7.5},  # type: ignore[arg-type]
             dpo={  # type: ignore[arg-type]
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "clip": args.clip, "lr": args.lr,
-                "min_new_pairs": args.pairs_per_round, "steps_per_round": args.round_steps,
+                "min_new_pairs": 1, "steps_per_round": args.round_steps,
                 "pairs_per_step": 4, "checkpoint_every": 1000, "seed": seed, "max_version_lag": 0,
             },
         )  # fmt: skip
@@ -104,6 +104,7 @@ def run_cell(
         base = {k: score_version(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
         rows = []
         labels = 0
+        round_metrics: dict[str, Any] = {}
         for round_index in range(args.rounds + 1):
             if round_index > 0:
                 prompt_rng = random.Random(seed * 1000 + round_index)
@@ -120,13 +121,28 @@ def run_cell(
                     name="experiment",
                 )
                 version = trainer.run_once()
-                assert version == round_index, f"round {round_index} published {version}"
+                assert version == round_index, f"round {round_index} published {version}: no decisive pair?"
+                with trainer.sessions() as session:
+                    from core.db.policies import get_policy_version
+
+                    published = get_policy_version(session=session, version=version).metrics
+                round_metrics = {
+                    k: published[k]
+                    for k in (
+                        "implicit_accuracy",
+                        "mean_abs_logratio",
+                        "clipped_share",
+                        "grad_norm",
+                        "pairs_used",
+                    )
+                }
             scores = {k: score_version(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
             row: dict[str, Any] = {
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "seed": seed,
                 "version": round_index, "labels_used": labels, "judge": args.judge,
                 "train": summarise(scores["train"], base["train"]),
                 "held_out": summarise(scores["held_out"], base["held_out"]),
+                "round": round_metrics,
                 "settings": {"steps": args.steps, "lr": args.lr, "clip": args.clip, "round_steps": args.round_steps,
                              "pairs_per_round": args.pairs_per_round, "eval_seeds": args.eval_seeds,
                              "model": args.model},

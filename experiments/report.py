@@ -1,0 +1,113 @@
+"""Summarise experiments/online.py rows: a Markdown table per setting and version, and a PNG plot.
+
+For each (gamma, beta, M, noise) and version: labels used, and across seeds the mean (± standard
+error of the per-seed means) of the judge's score on training prompts and on held-out prompts,
+and the win rate against version 0. The plot draws score vs labels, one line per gamma, with a band
+of ± one standard error across seeds.
+
+Usage: python experiments/report.py experiments/results/gamma_small.jsonl --plot docs/gamma_small.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def load(path: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def group(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]]:
+    out: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        out[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"])][r["version"]].append(r)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| gamma | beta | M | noise | version | labels | seeds | train score | held-out score | train win rate vs v0 | held-out win rate vs v0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (gamma, beta, m, noise), versions in sorted(group(rows).items()):
+        for version, rs in sorted(versions.items()):
+            cells = []
+            for split in ("train", "held_out"):
+                mu, se = mean_se([r[split]["mean"] for r in rs])
+                cells.append(f"{mu:.4f} ± {se:.4f}")
+            for split in ("train", "held_out"):
+                mu, se = mean_se([r[split]["win_rate_vs_v0"] for r in rs])
+                cells.append(f"{mu:.3f} ± {se:.3f}")
+            labels = sum(r["labels_used"] for r in rs) / len(rs)
+            lines.append(
+                f"| {gamma} | {beta} | {m} | {noise} | {version} | {labels:.0f} | {len(rs)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for (gamma, beta, m, noise), versions in sorted(group(rows).items()):
+        label = f"gamma={gamma}" + (f", beta={beta}" if beta != 10.0 else "") + (f", M={m}" if m != 3 else "")
+        label += f", noise={noise}" if noise else ""
+        for ax, split in zip(axes, ("train", "held_out"), strict=True):
+            xs, mus, ses = [], [], []
+            for _, rs in sorted(versions.items()):
+                mu, se = mean_se([r[split]["mean"] for r in rs])
+                xs.append(sum(r["labels_used"] for r in rs) / len(rs))
+                mus.append(mu)
+                ses.append(0.0 if math.isnan(se) else se)
+            ax.plot(xs, mus, marker="o", label=label)
+            ax.fill_between(
+                xs,
+                [a - b for a, b in zip(mus, ses, strict=True)],
+                [a + b for a, b in zip(mus, ses, strict=True)],
+                alpha=0.2,
+            )
+    for ax, title in zip(axes, ("training prompts", "held-out prompts"), strict=True):
+        ax.set_xlabel("labels used")
+        ax.set_ylabel("faithfulness judge score (mean over seeds)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="+", help="JSON-lines files written by experiments/online.py")
+    parser.add_argument("--plot", default=None, help="write a PNG here")
+    args = parser.parse_args(argv)
+    rows = [r for path in args.rows for r in load(path)]
+    print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
