@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("DenseAlign demo at %s (Ctrl-C stops everything)", settings.public_base_url)
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
+        log.info("stopping")
     finally:
         stop.set()
         for thread in threads:
