@@ -1,4 +1,7 @@
-"""`densealign serve`: run the web app with uvicorn, settings from DENSEALIGN_* variables."""
+"""`densealign serve`: run the web app with uvicorn, settings from DENSEALIGN_* variables.
+
+`--workers N` runs N uvicorn worker processes, each building its app through `factory()`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
 from app.main import MissingSecretKey, create_app
 from app.refill import rq_refiller
@@ -15,18 +19,36 @@ from core.settings import get_settings
 log = logging.getLogger(__name__)
 
 
+def factory() -> FastAPI:
+    """The production app from the environment (what each uvicorn worker process builds)."""
+    settings = get_settings()
+    sessions = make_session_factory(make_engine(settings.database_url))
+    return create_app(settings, session_factory=sessions, refiller=rq_refiller(settings, sessions))
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
-    parser = argparse.ArgumentParser(prog="densealign serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="densealign serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=settings.host, help=f"interface to bind (default {settings.host})")
     parser.add_argument("--port", type=int, default=settings.port, help=f"TCP port (default {settings.port})")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        sessions = make_session_factory(make_engine(settings.database_url))
-        app = create_app(settings, session_factory=sessions, refiller=rq_refiller(settings, sessions))
+        app = factory()  # built here too, so a bad configuration stops the command at once
     except MissingSecretKey as exc:
         log.error("%s", exc)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, proxy_headers=True)
+    if args.workers > 1:
+        uvicorn.run(
+            "app.serve:factory",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            proxy_headers=True,
+            log_level="warning",
+        )
+    else:
+        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=True)
     return 0

@@ -26,14 +26,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repo root: bench/core.py must not shadow core/
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import drop_database, scratch_database  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from redis import Redis  # noqa: E402
 from rq import Queue, SimpleWorker  # noqa: E402
-from sqlalchemy import create_engine, make_url, select, text  # noqa: E402
+from sqlalchemy import select  # noqa: E402
 
 from app.main import create_app  # noqa: E402
 from core.db import make_engine, make_session_factory  # noqa: E402
@@ -57,30 +59,6 @@ PROMPTS = [
     "a red triangle below a green square",
     "a yellow circle",
 ]
-
-
-def scratch_database(admin_url: str) -> str:
-    from alembic import command
-
-    from core.db.migrate import alembic_config
-
-    name = f"densealign_bench_{uuid.uuid4().hex[:10]}"
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    config = alembic_config(url)
-    config.attributes["skip_logging"] = True
-    command.upgrade(config, "head")
-    return url
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def brightness(png: bytes) -> float:

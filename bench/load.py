@@ -1,0 +1,248 @@
+"""Load: N concurrent simulated annotators against the app served by uvicorn on real Postgres.
+
+Seeds a scratch Postgres database with one prompt and enough pairs (each image a real PNG in a
+temporary blob store), creates N labellers, starts `densealign serve --workers W` in a subprocess,
+and runs N asyncio annotators for --duration seconds: GET /api/v1/pairs/next, a think time, then
+POST /api/v1/judgements. It reports p50/p95/p99 latency of both calls, errors (any non-2xx or
+transport failure), judgements acknowledged (201) vs stored in Postgres (must be equal), and
+whether any pair was ever handed to two annotators at overlapping times or judged twice.
+Figures go to bench/results/load.json (keys `errors`, `acknowledged`, `stored` beside latencies).
+
+Usage: python bench/load.py [--users 200] [--duration 300] [--workers 4] [--think 1.0]
+The client runs on the same machine as the server, so on a small machine it competes for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/core.py must not shadow core/
+
+import httpx  # noqa: E402
+from common import drop_database, scratch_database  # noqa: E402
+from PIL import Image  # noqa: E402
+from sqlalchemy import func, insert, select  # noqa: E402
+
+from core.db import make_engine, make_session_factory  # noqa: E402
+from core.db.labellers import create_labeller  # noqa: E402
+from core.db.models import Judgement, Pair, Trajectory  # noqa: E402
+from core.db.policies import publish_policy_version  # noqa: E402
+from core.db.prompts import add_prompt  # noqa: E402
+from core.storage import LocalBlobStore  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def seed(url: str, blob_dir: str, users: int, pairs: int) -> list[str]:
+    blobs = LocalBlobStore(blob_dir)
+    for side, colour in (("a", (200, 40, 40)), ("b", (40, 40, 200))):
+        png = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(png, format="PNG")
+        blobs.put(f"images/load-{side}.png", png.getvalue())
+    engine = make_engine(url)
+    with make_session_factory(engine)() as session, session.begin():
+        publish_policy_version(session=session, version=0)
+        prompt_id = add_prompt(session=session, text="a red circle above a blue square").id
+        tokens = [create_labeller(session=session, name=f"load-{i}").token for i in range(users)]
+        traj = [
+            {
+                "prompt_id": prompt_id,
+                "policy_version": 0,
+                "seed": i,
+                "sampler": {},
+                "image_key": f"images/load-{'ab'[i % 2]}.png",
+            }
+            for i in range(2 * pairs)
+        ]
+        session.execute(insert(Trajectory), traj)
+        ids = list(session.scalars(select(Trajectory.id).order_by(Trajectory.id)))
+        session.execute(
+            insert(Pair),
+            [
+                {"prompt_id": prompt_id, "policy_version": 0, "trajectory_a_id": ids[2 * i],
+                 "trajectory_b_id": ids[2 * i + 1], "required_judgements": 1}
+                for i in range(pairs)
+            ],
+        )  # fmt: skip
+    engine.dispose()
+    return tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def annotator(
+    client: httpx.AsyncClient, token: str, deadline: float, think: float, stats: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    rng = random.Random(token)
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        try:
+            response = await client.get("/api/v1/pairs/next", headers=headers)
+        except httpx.HTTPError:
+            stats["errors"] += 1
+            continue
+        stats["next_ms"].append(1000 * (time.perf_counter() - t0))
+        if response.status_code != 200:
+            stats["errors"] += 1
+            stats["error_codes"][response.status_code] += 1
+            continue
+        pair = response.json()["pair"]
+        if pair is None:
+            stats["empty"] += 1
+            await asyncio.sleep(think)
+            continue
+        got = time.monotonic()
+        await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
+        body = {"pair_id": pair["pair_id"], "choice": rng.choice("ab"), "client_key": uuid.uuid4().hex}
+        t0 = time.perf_counter()
+        try:
+            response = await client.post("/api/v1/judgements", headers=headers, json=body)
+        except httpx.HTTPError:
+            stats["errors"] += 1
+            continue
+        stats["judge_ms"].append(1000 * (time.perf_counter() - t0))
+        if response.status_code == 201:
+            stats["acknowledged"] += 1
+            stats["holds"][pair["pair_id"]].append((got, time.monotonic(), token))
+        else:
+            stats["errors"] += 1
+            stats["error_codes"][response.status_code] += 1
+
+
+async def run_load(base_url: str, tokens: list[str], duration: float, think: float) -> dict[str, Any]:
+    stats: dict[str, Any] = {"next_ms": [], "judge_ms": [], "errors": 0, "acknowledged": 0, "empty": 0,
+                             "error_codes": defaultdict(int), "holds": defaultdict(list)}  # fmt: skip
+    limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+        deadline = time.monotonic() + duration
+        await asyncio.gather(*(annotator(client, t, deadline, think, stats) for t in tokens))
+    return stats
+
+
+def wait_until_up(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with {proc.returncode} before answering")
+        try:
+            if httpx.get(f"{base_url}/api/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the app did not answer /api/v1/health in time")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of load")
+    parser.add_argument("--workers", type=int, default=4, help="uvicorn worker processes")
+    parser.add_argument("--think", type=float, default=1.0, help="mean seconds an annotator looks at a pair")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "DENSEALIGN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    parser.add_argument("--out", default=str(RESULTS / "load.json"))
+    args = parser.parse_args(argv)
+    pairs = int(args.users * args.duration / max(args.think, 0.1) * 1.5) + 100
+    url = scratch_database(args.postgres, "densealign_load")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with tempfile.TemporaryDirectory() as blob_dir:
+            print(f"seeding {pairs} pairs and {args.users} labellers", flush=True)
+            tokens = seed(url, blob_dir, args.users, pairs)
+            port = free_port()
+            env = dict(os.environ, DENSEALIGN_DATABASE_URL=url, DENSEALIGN_BLOB_DIR=blob_dir,
+                       DENSEALIGN_SECRET_KEY=uuid.uuid4().hex, DENSEALIGN_REDIS_URL="redis://127.0.0.1:6379/13")  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "core.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
+                env=env, cwd=ROOT,
+            )  # fmt: skip
+            base_url = f"http://127.0.0.1:{port}"
+            wait_until_up(base_url, proc)
+            print(
+                f"{args.users} annotators for {args.duration:.0f}s against {args.workers} workers", flush=True
+            )
+            started = time.perf_counter()
+            stats = asyncio.run(run_load(base_url, tokens, args.duration, args.think))
+            wall = time.perf_counter() - started
+            engine = make_engine(url)
+            with make_session_factory(engine)() as session:
+                stored = int(session.scalar(select(func.count(Judgement.id))) or 0)
+                judged_twice = int(session.scalar(
+                    select(func.count()).select_from(
+                        select(Judgement.pair_id).group_by(Judgement.pair_id).having(func.count() > 1).subquery())
+                ) or 0)  # fmt: skip
+            engine.dispose()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        drop_database(args.postgres, url)
+    overlapping = 0
+    for holds in stats["holds"].values():
+        holds.sort()
+        overlapping += sum(1 for a, b in zip(holds, holds[1:], strict=False) if b[0] < a[1] and a[2] != b[2])
+    result = {
+        "benchmark": "load",
+        "users": args.users, "duration_s": round(wall, 1), "uvicorn_workers": args.workers, "think_s": args.think,
+        "machine": f"{os.cpu_count()} cores, client and server on the same machine",
+        "errors": stats["errors"], "error_codes": dict(stats["error_codes"]),
+        "acknowledged": stats["acknowledged"], "stored": stored,
+        "pairs_judged_twice": judged_twice, "pairs_held_by_two_at_once": overlapping,
+        "empty_pool_answers": stats["empty"],
+        "next_pair_ms": {q: percentile(stats["next_ms"], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "judgement_ms": {q: percentile(stats["judge_ms"], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "requests": len(stats["next_ms"]) + len(stats["judge_ms"]),
+        "judgements_per_s": stats["acknowledged"] / wall,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    ok = (
+        result["errors"] == 0
+        and result["acknowledged"] == result["stored"]
+        and not judged_twice
+        and not overlapping
+    )
+    print(
+        "OK: no errors, acknowledged == stored, no pair shared" if ok else "PROBLEMS: see the figures above"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
