@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 
 from core.db.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound
 from core.storage import BlobNotFound, InvalidBlobKey
+
+log = logging.getLogger(__name__)
 
 
 def status_for(exc: DomainError) -> int:
@@ -41,6 +47,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
             {"detail": describe_validation(exc), "errors": jsonable_errors(exc)}, status_code=422
+        )
+
+    @app.exception_handler(SQLAlchemyTimeout)
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Pool exhausted or Postgres restarting: nothing was committed, so the client may retry
+        # (judgements are idempotent by client_key).
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "the database is busy or restarting; nothing was recorded, retry shortly"},
+            headers={"Retry-After": "2"},
         )
 
     @app.exception_handler(BlobNotFound)

@@ -16,6 +16,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    # Under overload fail within 10 s (the app answers 503 + Retry-After) rather than hold the
+    # request for SQLAlchemy's default 30 s.
+    kwargs.setdefault("pool_timeout", 10)
     return create_engine(url, **kwargs)
 
 
