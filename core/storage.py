@@ -36,6 +36,22 @@ class BlobNotFound(KeyError):
         return str(self.args[0])
 
 
+class BlobCorrupt(ValueError):
+    def __init__(self, key: str, expected_sha256: str) -> None:
+        super().__init__(
+            f"blob {key!r} does not match its recorded sha256 {expected_sha256}: the file is corrupt; "
+            "re-publish it or roll back to another version"
+        )
+
+
+def get_verified(store: BlobStore, key: str, sha256: str) -> bytes:
+    """The blob's bytes, after checking them against the sha256 recorded when it was written."""
+    data = store.get(key)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BlobCorrupt(key, sha256)
+    return data
+
+
 def validate_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
         raise InvalidBlobKey(key)

@@ -8,7 +8,6 @@ acceptance next to version 0's on the very same prompts and seeds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.db.policies import get_policy_version
     from core.diffusion.sampler import SamplerSettings
     from core.settings import SettingsError, load_settings
-    from core.storage import LocalBlobStore
+    from core.storage import BlobCorrupt, LocalBlobStore, get_verified
     from worker.main import build_sampler
 
     try:
@@ -49,13 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"version 0: accepted {base.accepted}/{base.total} = {base.rate:.1%} (mean score {base.mean_score:.3f})"
     )
-    if key is not None:
-        data = LocalBlobStore(settings.blob_dir).get(key)
-        if hashlib.sha256(data).hexdigest() != sha:
-            print(
-                f"densealign eval: version {args.version}'s adapter does not match its sha256",
-                file=sys.stderr,
-            )
+    if key is not None and sha is not None:
+        try:
+            data = get_verified(LocalBlobStore(settings.blob_dir), key, sha)
+        except BlobCorrupt as exc:
+            print(f"densealign eval: version {args.version}: {exc}", file=sys.stderr)
             return 2
         policy.hot_swap(load(data))
         result = acceptance(policy.pipe, prompts, seeds, sampler_settings, progress=True)

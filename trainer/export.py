@@ -8,7 +8,6 @@ before anything is written. diffusers: `pytorch_lora_weights.safetensors` for
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.db.errors import DomainError
     from core.db.policies import get_policy_version
     from core.diffusion.export import export_adapter
-    from core.storage import BlobNotFound, LocalBlobStore
+    from core.storage import BlobNotFound, LocalBlobStore, get_verified
 
     try:
         settings = load_settings()
@@ -35,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             key, sha = row.lora_key, row.lora_sha256
         if key is None or sha is None:
             raise SettingsError(f"version {args.version} is the base model: it has no adapter to export")
-        data = LocalBlobStore(settings.blob_dir).get(key)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise SettingsError(
-                f"the stored adapter of version {args.version} does not match its sha256; not exported"
-            )
+        data = get_verified(LocalBlobStore(settings.blob_dir), key, sha)
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / "adapter.safetensors"
             source.write_bytes(data)

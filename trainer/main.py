@@ -21,11 +21,9 @@ POLICY_CHANNEL = "densealign:policy"
 def build_trainer(
     settings: Settings, on_publish: Any = None, progress: Any = None, evaluate: Any = None
 ) -> Any:
-    import torch
 
     from core.db import make_engine, make_session_factory
-    from core.diffusion.models import load_pipeline
-    from core.diffusion.policy import LoraSettings, Policy
+    from core.diffusion.policy import policy_from_config
     from core.diffusion.training import DpoHyperparameters
     from core.storage import LocalBlobStore
     from trainer.rounds import RoundConfig, Trainer
@@ -38,17 +36,8 @@ def build_trainer(
         num_sampled_steps=d.sampled_steps,
         max_grad_norm=d.max_grad_norm,
     )
-    device = settings.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(settings.model.base_model, device=device, dtype=getattr(torch, settings.model.dtype))
-    lora = LoraSettings(
-        rank=settings.model.lora_rank,
-        alpha=settings.model.lora_alpha,
-        target_modules=settings.model.lora_targets,
-    )
     return Trainer(
-        policy=Policy(pipe, lora),
+        policy=policy_from_config(settings.model),
         sessions=make_session_factory(make_engine(settings.database_url)),
         blobs=LocalBlobStore(settings.blob_dir),
         config=RoundConfig(

@@ -46,7 +46,7 @@ from core.diffusion.ddim import ddim_schedule
 from core.diffusion.policy import WEIGHT_NAME, Policy
 from core.diffusion.sampler import Trajectory
 from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, train_step
-from core.storage import BlobNotFound, BlobStore
+from core.storage import BlobNotFound, BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,11 @@ class Trainer:
     def _start_state(self, base_version: int) -> torch.optim.Optimizer:
         with self.sessions() as session:
             base = get_policy_version(session=session, version=base_version)
-            lora_key = base.lora_key
-        if lora_key is None:
+            lora_key, lora_sha256 = base.lora_key, base.lora_sha256
+        if lora_key is None or lora_sha256 is None:
             self.policy.reset_adapter()
         else:
-            self.policy.hot_swap(_load_safetensors(self.blobs.get(lora_key)))
+            self.policy.hot_swap(_load_safetensors(get_verified(self.blobs, lora_key, lora_sha256)))
         optimizer = make_optimizer(self.policy, lr=self.config.lr, weight_decay=self.config.weight_decay)
         try:
             state = torch.load(

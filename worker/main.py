@@ -21,27 +21,16 @@ logger = logging.getLogger("densealign.worker")
 
 def build_sampler(settings: Settings) -> Any:
     """Load the base model and adapter, and check they fit the current published version."""
-    import torch
 
     from core.db import make_engine, make_session_factory
-    from core.diffusion.models import load_pipeline
-    from core.diffusion.policy import LoraSettings, Policy
+    from core.diffusion.policy import policy_from_config
     from core.diffusion.sampler import SamplerSettings
     from core.storage import LocalBlobStore
     from worker.sampling import OverlapPolicy, Sampler
 
-    device = settings.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(settings.model.base_model, device=device, dtype=getattr(torch, settings.model.dtype))
-    lora = LoraSettings(
-        rank=settings.model.lora_rank,
-        alpha=settings.model.lora_alpha,
-        target_modules=settings.model.lora_targets,
-    )
     size = settings.sampler.image_size
     sampler = Sampler(
-        policy=Policy(pipe, lora),
+        policy=policy_from_config(settings.model),
         settings=SamplerSettings(
             num_steps=settings.sampler.num_steps,
             guidance_scale=settings.sampler.guidance_scale,

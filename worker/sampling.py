@@ -14,7 +14,6 @@ the blob store. For each `sample_pair(prompt_id)` job it:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import random
@@ -31,7 +30,7 @@ from core.db.policies import get_current_policy
 from core.db.prompts import get_prompt
 from core.diffusion.policy import Policy
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
-from core.storage import BlobStore
+from core.storage import BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +67,8 @@ class Sampler:
         if current.version == 0:
             self.policy.reset_adapter()
         else:
-            assert current.lora_key is not None
-            data = self.blobs.get(current.lora_key)
-            if hashlib.sha256(data).hexdigest() != current.lora_sha256:
-                raise RuntimeError(
-                    f"adapter blob {current.lora_key!r} of version {current.version} does not match its sha256; "
-                    "the file is corrupt, re-publish or roll back to another version"
-                )
-            self.policy.hot_swap(load(data))
+            assert current.lora_key is not None and current.lora_sha256 is not None
+            self.policy.hot_swap(load(get_verified(self.blobs, current.lora_key, current.lora_sha256)))
         self.last_swap_seconds = time.perf_counter() - start
         logger.info(
             "hot-swapped policy version %d -> %d in %.3fs",

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -27,7 +27,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import Tensor
 
-from core.diffusion.models import Pipeline
+from core.diffusion.models import Pipeline, load_pipeline
+
+if TYPE_CHECKING:
+    from core.settings import ModelConfig
 
 ADAPTER = "densealign"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -190,6 +193,16 @@ class Policy:
             raw = load_file(str(path))
         stripped = {(k[len("unet.") :] if k.startswith("unet.") else k): v for k, v in raw.items()}
         return convert_unet_state_dict_to_peft(stripped)
+
+
+def policy_from_config(model: ModelConfig) -> Policy:
+    """Load the base model and attach the adapter the settings describe (workers and trainer alike)."""
+    device = model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(model.base_model, device=device, dtype=getattr(torch, model.dtype))
+    lora = LoraSettings(rank=model.lora_rank, alpha=model.lora_alpha, target_modules=model.lora_targets)
+    return Policy(pipe, lora)
 
 
 def file_sha256(path: str | Path) -> str:
