@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -16,6 +18,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if "connect_timeout" not in make_url(url).query:
+        # A server that accepts TCP but never answers (hung at start-up, a half-dead proxy) would
+        # otherwise hold the request forever: give up connecting after a few seconds (-> 503).
+        kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT_SECONDS})
     # Under overload fail within 10 s (the app answers 503 + Retry-After) rather than hold the
     # request for SQLAlchemy's default 30 s.
     kwargs.setdefault("pool_timeout", 10)
