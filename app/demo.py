@@ -157,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         redis=None,
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
+        pairs_per_job=settings.pool.pairs_per_job,
     )
     app = create_app(settings, session_factory=sessions, refiller=refiller)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     scores: dict[int, dict[str, Any]] = {}
 
     def worker() -> None:
-        queue.run_worker(sampler.sample_pair, stop)
+        queue.run_worker(sampler.sample_pairs, stop)
 
     def tick() -> None:
         while not stop.is_set():
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             redis=None,
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
+            pairs_per_job=settings.pool.pairs_per_job,
         )
     threads = [
         threading.Thread(target=fn, name=name, daemon=True)

@@ -31,6 +31,7 @@ class PoolRefiller:
         redis: Any | None,
         target_per_prompt: int,
         max_version_lag: int,
+        pairs_per_job: int = 1,
         min_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -39,6 +40,7 @@ class PoolRefiller:
         self._redis = redis
         self._target = target_per_prompt
         self._lag = max_version_lag
+        self._pairs_per_job = pairs_per_job
         self._min_interval = min_interval
         self._clock = clock
         self._last = float("-inf")
@@ -82,6 +84,7 @@ class PoolRefiller:
                     redis=self._redis,
                     target_per_prompt=self._target,
                     max_version_lag=self._lag,
+                    pairs_per_job=self._pairs_per_job,
                 )
         except Exception as exc:  # Redis or the database away: labelling must go on regardless
             log.warning(
@@ -111,4 +114,5 @@ def rq_refiller(settings: Any, sessions: sessionmaker[Session]) -> PoolRefiller:
         redis=redis,
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
+        pairs_per_job=settings.pool.pairs_per_job,
     )

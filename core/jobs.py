@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Dotted path of the worker function RQ imports to run a sampling job.
+# Dotted paths of the worker functions RQ imports to run sampling jobs. SAMPLE_PAIR (one pair) is
+# kept so jobs queued by an older release still run after an upgrade; new jobs use SAMPLE_PAIRS.
 SAMPLE_PAIR = "worker.jobs.sample_pair"
+SAMPLE_PAIRS = "worker.jobs.sample_pairs"
 
 
 @dataclass(frozen=True)
@@ -21,3 +23,17 @@ class SamplePair:
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplePairs:
+    """Sample one pair for each prompt id (repeats allowed) in one batched pass of the policy."""
+
+    prompt_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("a sampling job needs at least one prompt id")
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"prompt_ids": list(self.prompt_ids)}

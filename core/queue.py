@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from core.jobs import SAMPLE_PAIR, SamplePair
+from core.jobs import SAMPLE_PAIRS, SamplePairs
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,12 @@ ACTIVE_STATUSES = {"queued", "started", "deferred", "scheduled"}
 
 
 class SamplingQueue(Protocol):
+    def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
+        """Queue one job that samples a pair for each of `prompt_ids` in one batch; returns its id."""
+        ...
+
     def enqueue_sample_pair(self, prompt_id: int) -> str:
-        """Queue one `sample_pair` job; returns its id."""
+        """Queue a job for one pair of `prompt_id`; returns its id."""
         ...
 
     def is_active(self, job_id: str) -> bool:
@@ -34,7 +38,7 @@ class SamplingQueue(Protocol):
 
 
 class RqSamplingQueue:
-    """`sample_pair` jobs on an RQ queue; failed jobs are retried with back-off."""
+    """Sampling jobs on an RQ queue; failed jobs are retried with back-off (all of a job's pairs)."""
 
     def __init__(
         self,
@@ -53,20 +57,24 @@ class RqSamplingQueue:
         self.job_timeout = job_timeout
         self.queue = Queue(name, connection=redis)
 
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
+    def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
         from rq import Retry
 
+        payload = SamplePairs(prompt_ids=tuple(prompt_ids))
         retry = Retry(max=self.retries, interval=self.retry_intervals) if self.retries else None
         job = self.queue.enqueue(
-            SAMPLE_PAIR,
-            kwargs=SamplePair(prompt_id=prompt_id).kwargs(),
+            SAMPLE_PAIRS,
+            kwargs=payload.kwargs(),
             retry=retry,
             job_timeout=self.job_timeout,
             result_ttl=3600,
             failure_ttl=7 * 24 * 3600,
-            description=f"sample_pair(prompt_id={prompt_id})",
+            description=f"sample_pairs(prompt_ids={list(payload.prompt_ids)})",
         )
         return str(job.id)
+
+    def enqueue_sample_pair(self, prompt_id: int) -> str:
+        return self.enqueue_sample_pairs([prompt_id])
 
     def is_active(self, job_id: str) -> bool:
         from rq.exceptions import NoSuchJobError
@@ -85,8 +93,8 @@ class RqSamplingQueue:
 class ThreadQueue:
     """Jobs run by worker threads of this process (the embedded mode: no Redis, no RQ).
 
-    `run_worker(handler, stop)` serves jobs until `stop` is set; a failed job is retried up to
-    `retries` times. `slots` lets `core.pool.refill_pool` track jobs per prompt without Redis.
+    `run_worker(handler, stop)` serves jobs until `stop` is set, calling `handler(prompt_ids)` once per
+    job; a failed job is retried (all its pairs) up to `retries` times. `slots` lets `core.pool.refill_pool` track jobs per prompt without Redis.
     """
 
     def __init__(self, *, retries: int = 3) -> None:
@@ -97,18 +105,22 @@ class ThreadQueue:
 
         self.retries = retries
         self.slots = MemorySlots()
-        self._jobs: stdlib_queue.Queue[tuple[str, int, int]] = stdlib_queue.Queue()
+        self._jobs: stdlib_queue.Queue[tuple[str, tuple[int, ...], int]] = stdlib_queue.Queue()
         self._status: dict[str, str] = {}
         self._lock = threading.Lock()
         self._counter = 0
 
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
+    def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
+        payload = SamplePairs(prompt_ids=tuple(prompt_ids))
         with self._lock:
             self._counter += 1
             job_id = f"local-{self._counter}"
             self._status[job_id] = "queued"
-        self._jobs.put((job_id, prompt_id, 0))
+        self._jobs.put((job_id, payload.prompt_ids, 0))
         return job_id
+
+    def enqueue_sample_pair(self, prompt_id: int) -> str:
+        return self.enqueue_sample_pairs([prompt_id])
 
     def is_active(self, job_id: str) -> bool:
         with self._lock:
@@ -117,24 +129,26 @@ class ThreadQueue:
     def depth(self) -> int:
         return self._jobs.qsize()
 
-    def run_worker(self, handler: Callable[[int], Any], stop: Any, poll: float = 0.5) -> None:
+    def run_worker(self, handler: Callable[[list[int]], Any], stop: Any, poll: float = 0.5) -> None:
         import queue as stdlib_queue
 
         while not stop.is_set():
             try:
-                job_id, prompt_id, attempt = self._jobs.get(timeout=poll)
+                job_id, prompt_ids, attempt = self._jobs.get(timeout=poll)
             except stdlib_queue.Empty:
                 continue
             with self._lock:
                 self._status[job_id] = "started"
             try:
-                handler(prompt_id)
+                handler(list(prompt_ids))
             except Exception:
-                logger.exception("job %s (prompt %d) failed on attempt %d", job_id, prompt_id, attempt + 1)
+                logger.exception(
+                    "job %s (prompts %s) failed on attempt %d", job_id, list(prompt_ids), attempt + 1
+                )
                 if attempt < self.retries:
                     with self._lock:
                         self._status[job_id] = "queued"
-                    self._jobs.put((job_id, prompt_id, attempt + 1))
+                    self._jobs.put((job_id, prompt_ids, attempt + 1))
                     continue
                 with self._lock:
                     self._status[job_id] = "failed"

@@ -91,6 +91,13 @@ class PoolConfig(BaseModel):
         default=4, ge=1, description="Unlabelled pairs (queued jobs included) kept per active prompt."
     )
     tick_seconds: float = Field(default=10.0, gt=0, description="Period of the refill tick, in seconds.")
+    pairs_per_job: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Pairs one sampling job draws in a single batched pass (2x as many images); larger "
+        "batches raise pairs/s until the accelerator is full.",
+    )
     job_retries: int = Field(default=3, ge=0, description="Times a failed sampling job is retried.")
 
 

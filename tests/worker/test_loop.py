@@ -54,6 +54,7 @@ def refill_and_work(settings: Settings, redis: Any) -> int:
             redis=redis,
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
+            pairs_per_job=settings.pool.pairs_per_job,
         )
     SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
     return n
