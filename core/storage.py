@@ -2,11 +2,13 @@
 
 `LocalBlobStore` keeps blobs under one directory; writes go to a temporary file in the destination
 directory and are renamed into place, so a reader never sees half a blob and a crash leaves only a
-stray temp file. Any other backend (an S3-compatible bucket) implements the `BlobStore` protocol.
+stray temp file. A write that fails (a full disk among other things) deletes its temp file; a full
+disk or quota raises `BlobStoreFull`, which names the directory and the size. Any other backend (an S3-compatible bucket) implements the `BlobStore` protocol.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -42,6 +44,24 @@ class BlobCorrupt(ValueError):
             f"blob {key!r} does not match its recorded sha256 {expected_sha256}: the file is corrupt; "
             "re-publish it or roll back to another version"
         )
+
+
+class BlobStoreFull(OSError):
+    """No room left where the blob store writes (ENOSPC or EDQUOT); nothing was stored."""
+
+    def __init__(self, root: Path, key: str, size: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"the blob store at {root} is full (no space left on device) while writing {size} bytes to blob "
+            f"{key!r}; nothing was stored: free space there or point DENSEALIGN_BLOB_DIR at a bigger volume",
+        )
+        self.root, self.key, self.size = root, key, size
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def get_verified(store: BlobStore, key: str, sha256: str) -> bytes:
@@ -85,16 +105,23 @@ class LocalBlobStore:
 
     def put(self, key: str, data: bytes) -> str:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise BlobStoreFull(self.root, key, len(data)) from exc
+            raise
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+                raise BlobStoreFull(self.root, key, len(data)) from exc
             raise
         return hashlib.sha256(data).hexdigest()
 
