@@ -3,12 +3,17 @@
 Seeds a scratch Postgres database with one prompt and enough pairs (each image a real PNG in a
 temporary blob store), creates N labellers, starts `densealign serve --workers W` in a subprocess,
 and runs N asyncio annotators for --duration seconds: GET /api/v1/pairs/next, a think time, then
-POST /api/v1/judgements. It reports p50/p95/p99 latency of both calls, errors (any non-2xx or
-transport failure), judgements acknowledged (201) vs stored in Postgres (must be equal), and
-whether any pair was ever handed to two annotators at overlapping times or judged twice.
-Figures go to bench/results/load.json (keys `errors`, `acknowledged`, `stored` beside latencies).
+POST /api/v1/judgements. Each annotator behaves as a client that keeps its idempotency key: a 503
+is sent again, same body and client_key, after its Retry-After seconds, and a transport failure
+(timeout, reset) after 0.5 s x the attempt, at most --retries times per call. It reports p50/p95/p99
+latency of both calls (each HTTP attempt, and end to end including retries and their waits),
+retries (by cause) apart from errors (calls that failed for good: a non-2xx other than a retried
+503, or retries used up), judgements acknowledged (201, or 200 for a repeat the server already had)
+vs stored in Postgres (must be equal), and whether any pair was ever handed to two annotators at
+overlapping times or judged twice. Figures go to --out (default bench/results/load.json).
 
-Usage: python bench/load.py [--users 200] [--duration 300] [--workers 4] [--think 1.0]
+Usage: python bench/load.py [--users 200] [--duration 300] [--workers 4] [--think 1.0] [--retries 5]
+    [--out bench/results/load-200users-300s.json]
 The client runs on the same machine as the server, so on a small machine it competes for CPU.
 """
 
@@ -97,22 +102,54 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def quantiles(values: list[float]) -> dict[str, float | None]:
+    return {q: percentile(values, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+
+
+async def call(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    stats: dict[str, Any],
+    kind: str,
+    retries: int,
+    **kwargs: Any,
+) -> httpx.Response | None:
+    """One call as a retrying client makes it; None when a transport failure outlasts the retries.
+
+    A 503 is retried after its Retry-After and a transport failure after 0.5 s x the attempt, with
+    the same request (so a judgement keeps its client_key); the answer that ends it is returned.
+    """
+    started = time.perf_counter()
+    for attempt in range(retries + 1):
+        t0 = time.perf_counter()
+        try:
+            response = await client.request(method, path, **kwargs)
+        except httpx.HTTPError:
+            if attempt == retries:
+                return None
+            stats["retries"]["transport"] += 1
+            await asyncio.sleep(0.5 * (attempt + 1))
+            continue
+        stats[f"{kind}_ms"].append(1000 * (time.perf_counter() - t0))
+        if response.status_code != 503 or attempt == retries:
+            stats[f"{kind}_total_ms"].append(1000 * (time.perf_counter() - started))
+            return response
+        stats["retries"]["503"] += 1
+        await asyncio.sleep(float(response.headers.get("retry-after", "1")))
+    raise AssertionError("unreachable: the last attempt returns")
+
+
 async def annotator(
-    client: httpx.AsyncClient, token: str, deadline: float, think: float, stats: dict[str, Any]
+    client: httpx.AsyncClient, token: str, deadline: float, think: float, retries: int, stats: dict[str, Any]
 ) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     rng = random.Random(token)
     while time.monotonic() < deadline:
-        t0 = time.perf_counter()
-        try:
-            response = await client.get("/api/v1/pairs/next", headers=headers)
-        except httpx.HTTPError:
+        response = await call(client, "GET", "/api/v1/pairs/next", stats, "next", retries, headers=headers)
+        if response is None or response.status_code != 200:
             stats["errors"] += 1
-            continue
-        stats["next_ms"].append(1000 * (time.perf_counter() - t0))
-        if response.status_code != 200:
-            stats["errors"] += 1
-            stats["error_codes"][response.status_code] += 1
+            stats["error_codes"][response.status_code if response is not None else "transport"] += 1
             continue
         pair = response.json()["pair"]
         if pair is None:
@@ -122,28 +159,29 @@ async def annotator(
         got = time.monotonic()
         await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
         body = {"pair_id": pair["pair_id"], "choice": rng.choice("ab"), "client_key": uuid.uuid4().hex}
-        t0 = time.perf_counter()
-        try:
-            response = await client.post("/api/v1/judgements", headers=headers, json=body)
-        except httpx.HTTPError:
-            stats["errors"] += 1
-            continue
-        stats["judge_ms"].append(1000 * (time.perf_counter() - t0))
-        if response.status_code == 201:
+        response = await call(
+            client, "POST", "/api/v1/judgements", stats, "judge", retries, headers=headers, json=body
+        )
+        if response is not None and response.status_code in (200, 201):
             stats["acknowledged"] += 1
+            stats["acknowledged_as_repeat"] += response.status_code == 200
             stats["holds"][pair["pair_id"]].append((got, time.monotonic(), token))
         else:
             stats["errors"] += 1
-            stats["error_codes"][response.status_code] += 1
+            stats["error_codes"][response.status_code if response is not None else "transport"] += 1
 
 
-async def run_load(base_url: str, tokens: list[str], duration: float, think: float) -> dict[str, Any]:
-    stats: dict[str, Any] = {"next_ms": [], "judge_ms": [], "errors": 0, "acknowledged": 0, "empty": 0,
-                             "error_codes": defaultdict(int), "holds": defaultdict(list)}  # fmt: skip
+async def run_load(
+    base_url: str, tokens: list[str], duration: float, think: float, retries: int
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {"next_ms": [], "judge_ms": [], "next_total_ms": [], "judge_total_ms": [],
+                             "errors": 0, "acknowledged": 0, "acknowledged_as_repeat": 0, "empty": 0,
+                             "retries": defaultdict(int), "error_codes": defaultdict(int),
+                             "holds": defaultdict(list)}  # fmt: skip
     limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         deadline = time.monotonic() + duration
-        await asyncio.gather(*(annotator(client, t, deadline, think, stats) for t in tokens))
+        await asyncio.gather(*(annotator(client, t, deadline, think, retries, stats) for t in tokens))
     return stats
 
 
@@ -173,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             "DENSEALIGN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
         ),
     )
-    parser.add_argument("--out", default=str(RESULTS / "load.json"))
+    parser.add_argument(
+        "--retries", type=int, default=5, help="retries per call after a 503 or transport failure"
+    )
+    parser.add_argument("--out", default=str(RESULTS / "load.json"), help="where the JSON figures go")
     args = parser.parse_args(argv)
     pairs = int(args.users * args.duration / max(args.think, 0.1) * 1.5) + 100
     url = scratch_database(args.postgres, "densealign_load")
@@ -195,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.users} annotators for {args.duration:.0f}s against {args.workers} workers", flush=True
             )
             started = time.perf_counter()
-            stats = asyncio.run(run_load(base_url, tokens, args.duration, args.think))
+            stats = asyncio.run(run_load(base_url, tokens, args.duration, args.think, args.retries))
             wall = time.perf_counter() - started
             engine = make_engine(url)
             with make_session_factory(engine)() as session:
@@ -218,12 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "load",
         "users": args.users, "duration_s": round(wall, 1), "uvicorn_workers": args.workers, "think_s": args.think,
         "machine": f"{os.cpu_count()} cores, client and server on the same machine",
-        "errors": stats["errors"], "error_codes": dict(stats["error_codes"]),
-        "acknowledged": stats["acknowledged"], "stored": stored,
+        "errors": stats["errors"], "error_codes": {str(k): v for k, v in stats["error_codes"].items()},
+        "retries": dict(stats["retries"]), "max_retries_per_call": args.retries,
+        "acknowledged": stats["acknowledged"], "acknowledged_as_repeat": stats["acknowledged_as_repeat"],
+        "stored": stored,
         "pairs_judged_twice": judged_twice, "pairs_held_by_two_at_once": overlapping,
         "empty_pool_answers": stats["empty"],
-        "next_pair_ms": {q: percentile(stats["next_ms"], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
-        "judgement_ms": {q: percentile(stats["judge_ms"], v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "next_pair_ms": quantiles(stats["next_ms"]),
+        "judgement_ms": quantiles(stats["judge_ms"]),
+        "next_pair_with_retries_ms": quantiles(stats["next_total_ms"]),
+        "judgement_with_retries_ms": quantiles(stats["judge_total_ms"]),
         "requests": len(stats["next_ms"]) + len(stats["judge_ms"]),
         "judgements_per_s": stats["acknowledged"] / wall,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
