@@ -9,8 +9,11 @@ training prompts and for prompts never trained on, and compared per (prompt, see
 (win rate; ties count half). One JSON row per evaluation point goes to --out (JSON lines).
 
 Usage:
-  python experiments/online.py --gammas 1.0 0.9 --seeds 0 1 2 --rounds 3 --pairs-per-round 24
+  python experiments/online.py --gammas 1.0 0.97 0.9 0.8 --seeds 0 1 2 --out experiments/results/grid.jsonl
   python experiments/online.py --gammas 0.9 --seeds 1 --rounds 1    # rerun one cell: same numbers
+
+Defaults (the grid's settings): 8 training prompts, 3 rounds of 64 labelled pairs, 60 optimizer
+steps of 4 pairs per round, lr 1e-3, clip 1e-2, beta 10, M 3, 20 DDIM steps, 16 evaluation seeds.
 """
 
 from __future__ import annotations
@@ -35,27 +38,71 @@ import torch  # noqa: E402
 RESULTS = ROOT / "experiments" / "results"
 
 
-def score_version(policy: Any, judge: Any, cases: list[tuple[str, int]], settings: Any) -> list[float]:
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+COMMIT = _commit()
+
+
+def score_version(
+    policy: Any, judge: Any, cases: list[tuple[str, int]], settings: Any
+) -> tuple[list[float], list[bool]]:
+    """The judge's score and accept/reject of one fresh sample per (prompt, seed)."""
     from core.diffusion.sampler import sample_trajectories
 
     scores: list[float] = []
-    for i in range(0, len(cases), 8):
-        chunk = cases[i : i + 8]
+    accepted: list[bool] = []
+    for i in range(0, len(cases), 32):
+        chunk = cases[i : i + 32]
         images = sample_trajectories(
             policy.pipe, [p for p, _ in chunk], [s for _, s in chunk], settings
         ).pil_images()
-        scores += [judge.score(p, im) for (p, _), im in zip(chunk, images, strict=True)]
-    return scores
+        for (prompt, _), image in zip(chunk, images, strict=True):
+            scores.append(judge.score(prompt, image))
+            accepts = getattr(judge, "accepts", None)
+            accepted.append(bool(accepts(prompt, image)) if accepts else scores[-1] >= 0.5)
+    return scores, accepted
 
 
-def summarise(scores: list[float], base: list[float]) -> dict[str, float]:
-    n = len(scores)
-    mean = sum(scores) / n
-    se = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(n - 1, 1) / n)
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
+
+
+def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict[str, float]:
+    """Mean score (± s.e. over samples), accept rate, the paired difference from version 0 on the same
+    (prompt, seed) (± s.e.), and the win rate against version 0 (ties count half)."""
+    scores, accepted = scored
+    mean, se = mean_and_se(scores)
+    diff, diff_se = mean_and_se([s - b for s, b in zip(scores, base, strict=True)])
     wins = sum(
         1.0 if s > b + 1e-6 else 0.5 if abs(s - b) <= 1e-6 else 0.0 for s, b in zip(scores, base, strict=True)
     )
-    return {"mean": mean, "se": se, "win_rate_vs_v0": wins / n}
+    return {
+        "mean": mean,
+        "se": se,
+        "accept": sum(accepted) / len(accepted),
+        "diff_vs_v0": diff,
+        "diff_vs_v0_se": diff_se,
+        "win_rate_vs_v0": wins / len(scores),
+    }
+
+
+def pick_prompts(train: list[str], n: int) -> list[str]:
+    """n of the demo's training prompts, evenly spaced (so one- and two-object scenes both appear)."""
+    if not 1 <= n <= len(train):
+        raise SystemExit(f"--prompts must be between 1 and {len(train)}, got {n}")
+    return [train[i * len(train) // n] for i in range(n)]
 
 
 def run_cell(
@@ -73,6 +120,7 @@ def run_cell(
     from worker.main import build_sampler
 
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -89,6 +137,7 @@ def run_cell(
             },
         )  # fmt: skip
         train, held_out = demo_prompts()
+        train = pick_prompts(train, args.prompts)
         _, token = prepare_database(settings, train, held_out)
         sampler = build_sampler(settings)
         sampler.seed_source = random.Random(seed)
@@ -101,15 +150,16 @@ def run_cell(
             "train": [(p, s) for p in train for s in eval_seeds],
             "held_out": [(p, s) for p in held_out for s in eval_seeds],
         }
-        base = {k: score_version(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
+        base = {k: score_version(trainer.policy, judge, c, eval_settings)[0] for k, c in cases.items()}
         rows = []
         labels = 0
         round_metrics: dict[str, Any] = {}
         for round_index in range(args.rounds + 1):
             if round_index > 0:
                 prompt_rng = random.Random(seed * 1000 + round_index)
-                for _ in range(args.pairs_per_round):
-                    sampler.sample_pair(prompt_rng.randrange(len(train)) + 1)
+                prompt_ids = [prompt_rng.randrange(len(train)) + 1 for _ in range(args.pairs_per_round)]
+                for start in range(0, len(prompt_ids), args.pairs_per_job):
+                    sampler.sample_pairs(prompt_ids[start : start + args.pairs_per_job])
                 labels += label_loop(
                     base_url="",
                     token=token,
@@ -145,7 +195,8 @@ def run_cell(
                 "round": round_metrics,
                 "settings": {"steps": args.steps, "lr": args.lr, "clip": args.clip, "round_steps": args.round_steps,
                              "pairs_per_round": args.pairs_per_round, "eval_seeds": args.eval_seeds,
-                             "model": args.model},
+                             "prompts": args.prompts, "threads": args.threads, "model": args.model,
+                             "commit": COMMIT},
                 "wall_s": time.perf_counter() - started,
             }  # fmt: skip
             rows.append(row)
@@ -162,12 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noises", type=float, nargs="+", default=[0.0], help="label noise rates")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pairs-per-round", type=int, default=24)
-    parser.add_argument("--round-steps", type=int, default=20)
+    parser.add_argument("--pairs-per-round", type=int, default=64)
+    parser.add_argument("--round-steps", type=int, default=60)
+    parser.add_argument("--pairs-per-job", type=int, default=16, help="pairs the worker samples per batch")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--clip", type=float, default=1e-3)
-    parser.add_argument("--eval-seeds", type=int, default=2)
+    parser.add_argument("--clip", type=float, default=1e-2)
+    parser.add_argument("--eval-seeds", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=8, help="training prompts (of the demo's 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: reproducible)")
     parser.add_argument("--judge", default="faithfulness")
     parser.add_argument("--model", default=str(ROOT / "models" / "densealign-shapes"))
     parser.add_argument("--out", default=str(RESULTS / "online.jsonl"))
