@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import shutil
 import threading
 import time
@@ -35,6 +36,13 @@ def demo_prompts() -> tuple[list[str], list[str]]:
     train = singles + pairs[::27][:8]
     held_out = pairs[13::27][:4]
     return train, held_out
+
+
+def pick_prompts(train: list[str], n: int) -> list[str]:
+    """n of the training prompts, evenly spaced (so one- and two-object scenes both appear)."""
+    if not 1 <= n <= len(train):
+        raise SystemExit(f"--prompts must be between 1 and {len(train)}, got {n}")
+    return [train[i * len(train) // n] for i in range(n)]
 
 
 def build_settings(args: argparse.Namespace) -> Any:
@@ -103,11 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--noise", type=float, default=0.0, help="share of the oracle's decisions flipped")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per image")
-    parser.add_argument("--round-labels", type=int, default=24, help="new decided pairs that start a round")
-    parser.add_argument("--round-steps", type=int, default=20, help="optimizer steps per round")
+    parser.add_argument("--round-labels", type=int, default=48, help="new decided pairs that start a round")
+    parser.add_argument("--round-steps", type=int, default=60, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--clip", type=float, default=1e-3)
-    parser.add_argument("--eval-seeds", type=int, default=2, help="held-out seeds per prompt for the judge")
+    # 1e-3 saturates on the shapes model's 8x8x4 latents (most log-ratios clipped within two rounds, then
+    # no gradient); 1e-2 keeps learning (docs/results.md).
+    parser.add_argument("--clip", type=float, default=1e-2)
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="training prompts (of 20): fewer learn faster per label"
+    )
+    parser.add_argument("--eval-seeds", type=int, default=6, help="held-out seeds per prompt for the judge")
     parser.add_argument(
         "--exit-after-versions", type=int, default=None, help="stop once this many are published"
     )
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.diffusion.sampler import SamplerSettings
     from core.pool import refill_pool
     from core.queue import ThreadQueue
-    from trainer.evaluation import JudgeEvaluator
+    from trainer.evaluation import JudgeEvaluator, paired_difference
     from trainer.main import build_trainer
     from worker.main import build_sampler
 
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(data)
     data.mkdir(parents=True)
     train, held_out = demo_prompts()
+    train = pick_prompts(train, args.prompts)
     invite_link, oracle_token = prepare_database(settings, train, held_out)
     sessions = make_session_factory(make_engine(settings.database_url))
 
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     judge_name = args.oracle if args.oracle != "none" else "faithfulness"
     evaluator = JudgeEvaluator(
         judge=judge_name,
-        prompts=train[:6] + held_out,
+        prompts=train + held_out,
         seeds=[10_000 + i for i in range(args.eval_seeds)],
         settings=SamplerSettings(num_steps=args.steps, guidance_scale=7.5),
     )
@@ -190,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
 
                 metrics = get_policy_version(session=session, version=version).metrics
             scores[version] = metrics
+            diff, diff_se = paired_difference(metrics["judge_scores"], scores[0]["judge_scores"])
             log.info(
-                "version %d published: %s judge score %.3f (version 0: %.3f), accepts %.0f%% (version 0: %.0f%%)",
+                "version %d published %.1f min after start: %s judge score %.3f (version 0: %.3f; "
+                "paired difference %+.3f ± %.3f over %d prompt/seed cases), accepts %.0f%% (version 0: %.0f%%)",
                 version,
+                (time.perf_counter() - started) / 60,
                 judge_name,
                 metrics["judge_score"],
                 scores[0]["judge_score"],
+                diff,
+                diff_se,
+                metrics["eval_samples"],
                 100 * metrics["judge_accept"],
                 100 * scores[0]["judge_accept"],
             )
@@ -211,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             stop.wait(0.5)
         if stop.is_set():
             return
+        since_make = ""
+        if os.environ.get("DENSEALIGN_DEMO_T0", "").isdigit():  # set by `make demo` before installing
+            since_make = f" ({time.time() - int(os.environ['DENSEALIGN_DEMO_T0']):.0f} s since `make demo` began, install included)"
         log.info(
-            "pairs are ready after %.0f s. Open %s to log in as admin, then label at %s/label",
+            "pairs are ready after %.0f s%s. Open %s to log in as admin, then label at %s/label",
             time.perf_counter() - started,
+            since_make,
             invite_link,
             settings.public_base_url,
         )

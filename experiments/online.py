@@ -98,19 +98,12 @@ def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict
     }
 
 
-def pick_prompts(train: list[str], n: int) -> list[str]:
-    """n of the demo's training prompts, evenly spaced (so one- and two-object scenes both appear)."""
-    if not 1 <= n <= len(train):
-        raise SystemExit(f"--prompts must be between 1 and {len(train)}, got {n}")
-    return [train[i * len(train) // n] for i in range(n)]
-
-
 def run_cell(
     args: argparse.Namespace, gamma: float, beta: float, m: int, noise: float, seed: int
 ) -> list[dict[str, Any]]:
     from fastapi.testclient import TestClient
 
-    from app.demo import demo_prompts, prepare_database
+    from app.demo import demo_prompts, pick_prompts, prepare_database
     from app.label import label_loop
     from app.main import create_app
     from core.diffusion.sampler import SamplerSettings

@@ -7,6 +7,7 @@ versions comparable: the same initial noise, only the adapter differs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ class JudgeEvaluator:
     prompts: list[str]
     seeds: list[int]
     settings: SamplerSettings
-    batch: int = 8
+    batch: int = 32
 
     def __call__(self, policy: Policy) -> dict[str, Any]:
         from core.judges import make_judge
@@ -43,4 +44,20 @@ class JudgeEvaluator:
             "judge_score": sum(scores) / n,
             "judge_accept": sum(accepted) / n,
             "eval_samples": len(scores),
+            # Per (prompt, seed) case, in order: versions compare pairwise on the same initial noise.
+            "judge_scores": [round(s, 5) for s in scores],
         }
+
+
+def paired_difference(scores: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean and standard error of scores[k] - base[k] over cases scored with the same prompt and seed.
+
+    Pairing removes most of the prompt-to-prompt and seed-to-seed spread, so a small change between
+    versions shows long before the two means' own error bars separate."""
+    if len(scores) != len(base) or not scores:
+        raise ValueError(f"need the same non-zero number of cases, got {len(scores)} and {len(base)}")
+    diffs = [s - b for s, b in zip(scores, base, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se

@@ -3,6 +3,7 @@ runs headless through one training round and publishes a version."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 from pathlib import Path
@@ -35,8 +36,17 @@ def test_demo_runs_one_round_headless(tmp_path: Path, caplog: pytest.LogCaptureF
     db = sqlite3.connect(data / "densealign.db")
     versions = db.execute("SELECT version, metrics FROM policy_versions ORDER BY version").fetchall()
     assert [v for v, _ in versions] == [0, 1]
-    assert '"judge_score"' in versions[1][1] and '"pairs_used"' in versions[1][1]
+    metrics = json.loads(versions[1][1])
+    assert metrics["pairs_used"] >= 1 and 0.0 <= metrics["judge_score"] <= 1.0
+    # 8 training prompts (the default) + 4 held-out ones, 1 seed each, scored case by case.
+    assert metrics["eval_samples"] == len(metrics["judge_scores"]) == 12
+    assert abs(sum(metrics["judge_scores"]) / 12 - metrics["judge_score"]) < 1e-4
     judged = db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
     assert judged >= 4
     assert any("pairs are ready after" in r.getMessage() for r in caplog.records)
-    assert any("version 1 published" in r.getMessage() for r in caplog.records)
+    published = [r.getMessage() for r in caplog.records if "version 1 published" in r.getMessage()]
+    assert (
+        len(published) == 1
+        and "paired difference" in published[0]
+        and "over 12 prompt/seed cases" in published[0]
+    )
