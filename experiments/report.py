@@ -40,8 +40,8 @@ def group(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[int, list[di
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| gamma | beta | M | noise | version | labels | seeds | train score | held-out score | train win rate vs v0 | held-out win rate vs v0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gamma | beta | M | noise | version | labels | seeds | train score | held-out score | train win rate vs v0 | held-out win rate vs v0 | train paired diff vs v0 | held-out paired diff vs v0 | train accept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (gamma, beta, m, noise), versions in sorted(group(rows).items()):
         for version, rs in sorted(versions.items()):
@@ -52,12 +52,53 @@ def table(rows: list[dict[str, Any]]) -> str:
             for split in ("train", "held_out"):
                 mu, se = mean_se([r[split]["win_rate_vs_v0"] for r in rs])
                 cells.append(f"{mu:.3f} ± {se:.3f}")
+            for split in ("train", "held_out"):
+                mu, se = mean_se([r[split].get("diff_vs_v0", float("nan")) for r in rs])
+                cells.append(f"{mu:+.4f} ± {se:.4f}")
+            mu, se = mean_se([r["train"].get("accept", float("nan")) for r in rs])
+            cells.append(f"{mu:.3f} ± {se:.3f}")
             labels = sum(r["labels_used"] for r in rs) / len(rs)
             lines.append(
                 f"| {gamma} | {beta} | {m} | {noise} | {version} | {labels:.0f} | {len(rs)} | "
                 + " | ".join(cells)
                 + " |"
             )
+    return "\n".join(lines)
+
+
+def labels_to_reach(
+    rows: list[dict[str, Any]], threshold: float
+) -> dict[tuple[Any, ...], list[float | None]]:
+    """Per setting, per seed: labels at which the training-prompt paired difference from version 0 first
+    reaches `threshold` (linear interpolation between evaluation points), or None if it never does."""
+    cells: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        cells[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"])][r["seed"]].append(r)
+    out: dict[tuple[Any, ...], list[float | None]] = {}
+    for key, seeds in sorted(cells.items()):
+        reached: list[float | None] = []
+        for _, rs in sorted(seeds.items()):
+            points = sorted((r["labels_used"], r["train"].get("diff_vs_v0", 0.0)) for r in rs)
+            hit = None
+            for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+                if y1 >= threshold > y0:
+                    hit = x0 + (threshold - y0) / (y1 - y0) * (x1 - x0)
+                    break
+            reached.append(hit)
+        out[key] = reached
+    return out
+
+
+def threshold_table(rows: list[dict[str, Any]], threshold: float) -> str:
+    lines = [
+        f"| gamma | beta | M | noise | labels to reach +{threshold} (per seed; - = not within the budget) | seeds reaching |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (gamma, beta, m, noise), hits in labels_to_reach(rows, threshold).items():
+        shown = ", ".join("-" if h is None else f"{h:.0f}" for h in hits)
+        lines.append(
+            f"| {gamma} | {beta} | {m} | {noise} | {shown} | {sum(h is not None for h in hits)}/{len(hits)} |"
+        )
     return "\n".join(lines)
 
 
@@ -74,7 +115,7 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
         for ax, split in zip(axes, ("train", "held_out"), strict=True):
             xs, mus, ses = [], [], []
             for _, rs in sorted(versions.items()):
-                mu, se = mean_se([r[split]["mean"] for r in rs])
+                mu, se = mean_se([r[split].get("diff_vs_v0", r[split]["mean"]) for r in rs])
                 xs.append(sum(r["labels_used"] for r in rs) / len(rs))
                 mus.append(mu)
                 ses.append(0.0 if math.isnan(se) else se)
@@ -87,7 +128,7 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
             )
     for ax, title in zip(axes, ("training prompts", "held-out prompts"), strict=True):
         ax.set_xlabel("labels used")
-        ax.set_ylabel("faithfulness judge score (mean over seeds)")
+        ax.set_ylabel("judge score minus version 0's, same prompt and seed")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -100,9 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", help="JSON-lines files written by experiments/online.py")
     parser.add_argument("--plot", default=None, help="write a PNG here")
+    parser.add_argument(
+        "--threshold", type=float, default=0.02, help="paired score gain for the labels table"
+    )
     args = parser.parse_args(argv)
     rows = [r for path in args.rows for r in load(path)]
     print(table(rows))
+    print()
+    print(threshold_table(rows, args.threshold))
     if args.plot:
         plot(rows, args.plot)
         print(f"\nplot written to {args.plot}")
