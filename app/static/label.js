@@ -17,7 +17,7 @@
   let counts = { today: 0, total: 0 };
 
   class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
+    constructor(status, message, retryAfter = null) { super(message); this.status = status; this.retryAfter = retryAfter; }
   }
 
   async function api(method, url, body) {
@@ -30,16 +30,23 @@
     let data = null;
     try { data = await response.json(); } catch (_) { /* empty body */ }
     if (response.status === 401) { window.location.href = "/login"; }
-    if (!response.ok) throw new ApiError(response.status, (data && data.detail) || response.statusText);
+    if (!response.ok) {
+      const wait = parseFloat(response.headers.get("Retry-After") || "");
+      throw new ApiError(response.status, (data && data.detail) || response.statusText, Number.isFinite(wait) ? wait : null);
+    }
     return data;
   }
 
-  // Network failures are retried with the same client key, so a judgement is never recorded twice.
-  async function withRetry(fn, tries = 3) {
+  // Network failures, and a busy server (503, or 429 with Retry-After), are retried with the same
+  // client key, so a judgement is never lost during a database restart and never recorded twice.
+  async function withRetry(fn, tries = 6) {
     for (let attempt = 1; ; attempt++) {
       try { return await fn(); } catch (e) {
-        if (e instanceof ApiError || attempt >= tries) throw e;
-        await new Promise((r) => setTimeout(r, 500 * attempt));
+        const busy = e instanceof ApiError && (e.status === 503 || (e.status === 429 && e.retryAfter !== null));
+        if ((e instanceof ApiError && !busy) || attempt >= tries) throw e;
+        const seconds = busy && e.retryAfter !== null ? Math.min(e.retryAfter, 10) : 0.5 * attempt;
+        status(`Server busy; retrying in ${Math.ceil(seconds)} s (your choice is kept)...`);
+        await new Promise((r) => setTimeout(r, 1000 * seconds));
       }
     }
   }

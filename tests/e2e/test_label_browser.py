@@ -163,3 +163,56 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
         engine.dispose()
     assert len(expected) == PAIRS
     assert recorded == expected
+
+
+def test_a_busy_server_is_retried_with_the_same_client_key(live_app: tuple[str, str, str]) -> None:
+    """The first judgement POST answers 503 with Retry-After (as during a database restart): the page
+    says it is retrying, posts again with the same client key, and exactly one judgement is stored."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    base, invite_path, db_url = live_app
+    posts: list[dict[str, object]] = []
+
+    def busy_once(route: object) -> None:
+        request = route.request  # type: ignore[attr-defined]
+        if request.method != "POST":
+            route.continue_()  # type: ignore[attr-defined]
+            return
+        posts.append(json.loads(request.post_data or "{}"))
+        if len(posts) == 1:
+            route.fulfill(  # type: ignore[attr-defined]
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body='{"detail": "the database is unavailable; retry shortly"}',
+            )
+        else:
+            route.continue_()  # type: ignore[attr-defined]
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + invite_path)
+            page.click("#accept")
+            page.click("#start")
+            pair = page.locator("#pair")
+            expect(pair).to_be_visible(timeout=10_000)
+            page.route("**/api/v1/judgements", busy_once)
+            pair_id = int(pair.get_attribute("data-pair-id") or 0)
+            page.keyboard.press("ArrowLeft")
+            expect(page.locator("#status")).to_contain_text("retrying", timeout=5_000)
+            expect(page.locator("#total")).to_have_text("1", timeout=10_000)
+        finally:
+            browser.close()
+
+    assert len(posts) == 2
+    assert posts[0]["client_key"] == posts[1]["client_key"] and posts[0]["pair_id"] == pair_id
+    engine = make_engine(db_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = session.scalars(select(Judgement)).all()
+    finally:
+        engine.dispose()
+    assert [(row.pair_id, row.client_key) for row in rows] == [(pair_id, posts[0]["client_key"])]
