@@ -53,26 +53,6 @@ def _commit() -> str:
 COMMIT = _commit()
 
 
-def score_version(
-    policy: Any, judge: Any, cases: list[tuple[str, int]], settings: Any
-) -> tuple[list[float], list[bool]]:
-    """The judge's score and accept/reject of one fresh sample per (prompt, seed)."""
-    from core.diffusion.sampler import sample_trajectories
-
-    scores: list[float] = []
-    accepted: list[bool] = []
-    for i in range(0, len(cases), 32):
-        chunk = cases[i : i + 32]
-        images = sample_trajectories(
-            policy.pipe, [p for p, _ in chunk], [s for _, s in chunk], settings
-        ).pil_images()
-        for (prompt, _), image in zip(chunk, images, strict=True):
-            scores.append(judge.score(prompt, image))
-            accepts = getattr(judge, "accepts", None)
-            accepted.append(bool(accepts(prompt, image)) if accepts else scores[-1] >= 0.5)
-    return scores, accepted
-
-
 def mean_and_se(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -82,9 +62,11 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict[str, float]:
     """Mean score (± s.e. over samples), accept rate, the paired difference from version 0 on the same
     (prompt, seed) (± s.e.), and the win rate against version 0 (ties count half)."""
+    from trainer.evaluation import paired_difference
+
     scores, accepted = scored
     mean, se = mean_and_se(scores)
-    diff, diff_se = mean_and_se([s - b for s, b in zip(scores, base, strict=True)])
+    diff, diff_se = paired_difference(scores, base)
     wins = sum(
         1.0 if s > b + 1e-6 else 0.5 if abs(s - b) <= 1e-6 else 0.0 for s, b in zip(scores, base, strict=True)
     )
@@ -109,6 +91,7 @@ def run_cell(
     from core.diffusion.sampler import SamplerSettings
     from core.judges import make_judge
     from core.settings import Settings
+    from trainer.evaluation import judge_cases
     from trainer.main import build_trainer
     from worker.main import build_sampler
 
@@ -143,7 +126,7 @@ def run_cell(
             "train": [(p, s) for p in train for s in eval_seeds],
             "held_out": [(p, s) for p in held_out for s in eval_seeds],
         }
-        base = {k: score_version(trainer.policy, judge, c, eval_settings)[0] for k, c in cases.items()}
+        base = {k: judge_cases(trainer.policy, judge, c, eval_settings)[0] for k, c in cases.items()}
         rows = []
         labels = 0
         round_metrics: dict[str, Any] = {}
@@ -179,7 +162,7 @@ def run_cell(
                         "pairs_used",
                     )
                 }
-            scores = {k: score_version(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
+            scores = {k: judge_cases(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
             row: dict[str, Any] = {
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "seed": seed,
                 "version": round_index, "labels_used": labels, "judge": args.judge,

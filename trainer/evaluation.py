@@ -26,18 +26,8 @@ class JudgeEvaluator:
     def __call__(self, policy: Policy) -> dict[str, Any]:
         from core.judges import make_judge
 
-        judge = make_judge(self.judge)
         cases = [(p, s) for p in self.prompts for s in self.seeds]
-        scores, accepted = [], []
-        for i in range(0, len(cases), self.batch):
-            chunk = cases[i : i + self.batch]
-            images = sample_trajectories(
-                policy.pipe, [p for p, _ in chunk], [s for _, s in chunk], self.settings
-            ).pil_images()
-            for (prompt, _), image in zip(chunk, images, strict=True):
-                scores.append(judge.score(prompt, image))
-                verdict = getattr(judge, "accepts", None)
-                accepted.append(bool(verdict(prompt, image)) if verdict else scores[-1] >= 0.5)
+        scores, accepted = judge_cases(policy, make_judge(self.judge), cases, self.settings, self.batch)
         n = max(len(scores), 1)
         return {
             "judge": self.judge,
@@ -47,6 +37,26 @@ class JudgeEvaluator:
             # Per (prompt, seed) case, in order: versions compare pairwise on the same initial noise.
             "judge_scores": [round(s, 5) for s in scores],
         }
+
+
+def judge_cases(
+    policy: Policy, judge: Any, cases: list[tuple[str, int]], settings: SamplerSettings, batch: int = 32
+) -> tuple[list[float], list[bool]]:
+    """The judge's score and accept/reject of one fresh sample per (prompt, seed), in order.
+
+    Judges without an accept rule (the model-free ones) accept a score of at least 0.5."""
+    scores: list[float] = []
+    accepted: list[bool] = []
+    for i in range(0, len(cases), batch):
+        chunk = cases[i : i + batch]
+        images = sample_trajectories(
+            policy.pipe, [p for p, _ in chunk], [s for _, s in chunk], settings
+        ).pil_images()
+        for (prompt, _), image in zip(chunk, images, strict=True):
+            scores.append(judge.score(prompt, image))
+            accepts = getattr(judge, "accepts", None)
+            accepted.append(bool(accepts(prompt, image)) if accepts else scores[-1] >= 0.5)
+    return scores, accepted
 
 
 def paired_difference(scores: list[float], base: list[float]) -> tuple[float, float]:

@@ -64,9 +64,10 @@ def test_refill_batches_pairs_into_jobs_round_robin_and_workers_sample_them_toge
     sampling.install(build_sampler(loop_settings))
     sessions = make_session_factory(make_engine(loop_settings.database_url))
     queue = RqSamplingQueue(redis)
-    with sessions() as session:
-        assert (
-            refill_pool(
+
+    def refill() -> int:
+        with sessions() as session:
+            return refill_pool(
                 session=session,
                 queue=queue,
                 redis=redis,
@@ -74,26 +75,15 @@ def test_refill_batches_pairs_into_jobs_round_robin_and_workers_sample_them_toge
                 max_version_lag=2,
                 pairs_per_job=3,
             )
-            == 4
-        )
+
+    assert refill() == 4
     assert queue.depth() == 2
     jobs = [Job.fetch(job_id, connection=redis) for job_id in queue.queue.job_ids]
     assert [job.kwargs["prompt_ids"] for job in jobs] == [[1, 2, 1], [2]]
     slots = RedisSlots(redis)
     assert slots.get(1) == {"0": jobs[0].id, "1": jobs[0].id}
     assert slots.get(2) == {"0": jobs[0].id, "1": jobs[1].id}
-    with sessions() as session:
-        assert (
-            refill_pool(
-                session=session,
-                queue=queue,
-                redis=redis,
-                target_per_prompt=2,
-                max_version_lag=2,
-                pairs_per_job=3,
-            )
-            == 0
-        )
+    assert refill() == 0
     SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
     assert [len(Job.fetch(job.id, connection=redis).return_value() or []) for job in jobs] == [3, 1]
     with sessions() as session:
