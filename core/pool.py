@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.db.models import Judgement, Pair, Prompt
+from core.db.models import Pair, Prompt
 from core.db.policies import get_current_policy
 from core.queue import SamplingQueue
 
@@ -35,14 +35,10 @@ def slots_key(prompt_id: int) -> str:
 
 def open_pairs_by_prompt(*, session: Session, min_version: int) -> dict[int, int]:
     """Pairs still needing judgements, per prompt, among versions >= `min_version`."""
-    judged = (
-        select(Judgement.pair_id, func.count(Judgement.id).label("n")).group_by(Judgement.pair_id).subquery()
-    )
     rows = session.execute(
         select(Pair.prompt_id, func.count(Pair.id))
-        .outerjoin(judged, judged.c.pair_id == Pair.id)
         .where(Pair.policy_version >= min_version)
-        .where(func.coalesce(judged.c.n, 0) < Pair.required_judgements)
+        .where(Pair.judgement_count < Pair.required_judgements)
         .group_by(Pair.prompt_id)
     )
     return {prompt_id: count for prompt_id, count in rows}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import Connection
 
 from core.db import models  # noqa: F401  (registers the tables on Base.metadata)
 from core.db.base import Base
@@ -40,16 +41,32 @@ def run_migrations_online() -> None:
     engine.dispose()
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
-        connection=connection,  # type: ignore[arg-type]
+        connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         # SQLite cannot ALTER constraints; batch mode rebuilds tables instead.
         render_as_batch=True,
     )
-    with context.begin_transaction():
-        context.run_migrations()
+    if connection.dialect.name != "sqlite":
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    # Rebuilding a table (copy, drop, rename) that other tables reference fails while SQLite enforces
+    # foreign keys, and the pragma is ignored inside a transaction: switch it off first, and check
+    # every reference before switching it back on, so a migration cannot leave dangling rows.
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+            dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if dangling:
+                raise RuntimeError(f"migration left rows with dangling foreign keys: {dangling[:5]}")
+    finally:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
 
 
 if context.is_offline_mode():

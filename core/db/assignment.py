@@ -2,7 +2,8 @@
 
 A labeller is given a pair that (1) they have not judged, (2) still needs judgements, (3) nobody else
 holds an unexpired lease on; newest policy version first, then pairs whose overlap is already under
-way (so agreement pairs complete), then oldest. The lease is claimed with one upsert on the unique
+way (so agreement pairs complete), then the newest pair (within a version all pairs are equally
+fresh; this order is the partial index `ix_pairs_open` read backwards). The lease is claimed with one upsert on the unique
 `leases.pair_id` whose WHERE only lets it through when the existing lease has expired or is already
 ours: the database, not this code, guarantees one live lease per pair. On Postgres the candidate scan
 also uses `FOR UPDATE SKIP LOCKED`, so concurrent requests fan out over different pairs instead of
@@ -16,7 +17,7 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -85,14 +86,14 @@ def _judged_by(
 
 
 def _candidates(session: Session, labeller_id: int, now: dt.datetime, tried: set[int]) -> list[int]:
-    judged = select(func.count(Judgement.id)).where(Judgement.pair_id == Pair.id).scalar_subquery()
+    # Reads ix_pairs_open backwards: open pairs, newest version, most-judged first, then newest pair.
     free = ~select(Lease.id).where(Lease.pair_id == Pair.id, Lease.expires_at > now).exists()
     query = (
         select(Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
-        .where(Prompt.active.is_(True), judged < Pair.required_judgements, free)
+        .where(Prompt.active.is_(True), Pair.judgement_count < Pair.required_judgements, free)
         .where(~_judged_by(labeller_id, Pair.id))
-        .order_by(Pair.policy_version.desc(), judged.desc(), Pair.id)
+        .order_by(Pair.policy_version.desc(), Pair.judgement_count.desc(), Pair.id.desc())
     )
     if tried:
         query = query.where(Pair.id.not_in(list(tried)))

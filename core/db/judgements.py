@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,7 @@ from core.db.errors import (
     UndoBlocked,
     UndoWindowPassed,
 )
-from core.db.models import CHOICES, Judgement, Lease, Prompt
+from core.db.models import CHOICES, Judgement, Lease, Pair, Prompt
 from core.db.pairs import get_pair
 
 
@@ -83,11 +83,29 @@ def record_judgement(
         with session.begin_nested():
             session.add(judgement)
             session.flush()
+            _count(session, pair_id, +1)
             session.execute(delete(Lease).where(Lease.id == lease.id))
     except IntegrityError:
         # Lost a race with an identical request (same key) or a second tab (same pair).
         return repeat_or(AlreadyJudged(pair_id, labeller_id))
     return Recorded(judgement, created=True)
+
+
+def _count(session: Session, pair_id: int, delta: int) -> None:
+    """Move the pair's stored judgement count with the row just added or removed.
+
+    One UPDATE with arithmetic in the database, so two labellers judging the same agreement pair at
+    once both count (Postgres takes the row lock; the second update sees the first's result).
+    """
+    session.execute(
+        update(Pair)
+        .where(Pair.id == pair_id)
+        .values(judgement_count=Pair.judgement_count + delta)
+        .execution_options(synchronize_session=False)
+    )
+    pair = session.identity_map.get(session.identity_key(Pair, pair_id))
+    if pair is not None:  # loaded earlier in this session: read the new count on next access
+        session.expire(pair, ["judgement_count"])
 
 
 def _by_client_key(
@@ -128,6 +146,7 @@ def undo_judgement(
         raise UndoBlocked(judgement_id)
     session.delete(judgement)
     session.flush()
+    _count(session, pair.id, -1)
     if lease is None:
         session.add(Lease(pair_id=pair.id, labeller_id=labeller_id, left_side=left_side, expires_at=expires))
     else:

@@ -12,10 +12,12 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -129,6 +131,18 @@ class Pair(Base):
     __table_args__ = (
         CheckConstraint("required_judgements >= 1", name="required_judgements_positive"),
         CheckConstraint("trajectory_a_id <> trajectory_b_id", name="distinct_trajectories"),
+        CheckConstraint("judgement_count >= 0", name="judgement_count_non_negative"),
+        # The pairs still wanting judgements, in the order the next-pair lease hands them out (it reads
+        # the index backwards), so that query stops at the first few free entries instead of counting
+        # judgements for every pair of the newest version.
+        Index(
+            "ix_pairs_open",
+            "policy_version",
+            "judgement_count",
+            "id",
+            postgresql_where=text("judgement_count < required_judgements"),
+            sqlite_where=text("judgement_count < required_judgements"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -137,6 +151,9 @@ class Pair(Base):
     trajectory_a_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     trajectory_b_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     required_judgements: Mapped[int] = mapped_column(Integer, default=1)
+    # Judgements stored for this pair, kept by core.db.judgements as it records and undoes them (in
+    # the same transaction), so "still open" is a column comparison the partial index can serve.
+    judgement_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -16,12 +16,11 @@ from core.db.models import Judgement, Labeller, Lease, Pair, Prompt
 def queue_depth(*, session: Session, now: dt.datetime | None = None) -> int:
     """Pairs of active prompts that still need judgements and are not leased right now."""
     now = now or utcnow()
-    judged = select(func.count(Judgement.id)).where(Judgement.pair_id == Pair.id).scalar_subquery()
     leased = select(Lease.id).where(Lease.pair_id == Pair.id, Lease.expires_at > now).exists()
     query = (
         select(func.count(Pair.id))
         .join(Prompt, Prompt.id == Pair.prompt_id)
-        .where(Prompt.active.is_(True), judged < Pair.required_judgements, ~leased)
+        .where(Prompt.active.is_(True), Pair.judgement_count < Pair.required_judgements, ~leased)
     )
     return int(session.scalar(query) or 0)
 

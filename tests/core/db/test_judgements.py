@@ -27,6 +27,47 @@ def _count(session: Session) -> int:
     return int(session.scalar(select(func.count(Judgement.id))) or 0)
 
 
+def _stored_counts(session: Session) -> dict[int, int]:
+    """pair id -> judgement_count as stored; asserted equal to the judgements actually there."""
+    stored = dict(session.execute(select(Pair.id, Pair.judgement_count)).tuples().all())
+    actual = dict(
+        session.execute(select(Judgement.pair_id, func.count()).group_by(Judgement.pair_id)).tuples().all()
+    )
+    assert stored == {pair_id: actual.get(pair_id, 0) for pair_id in stored}
+    return stored
+
+
+def test_pair_judgement_count_follows_record_repeat_refusal_and_undo(
+    session: Session, make_labeller: Callable[..., tuple[Labeller, str]], make_pair: Callable[..., Pair]
+) -> None:
+    """The stored count is what the next-pair lease filters on: it must move with every row."""
+    pair = make_pair(required=2)
+    first, second = make_labeller()[0], make_labeller()[0]
+    assert next_pair(session=session, labeller_id=first.id, lease_seconds=60) is not None
+    done = record_judgement(
+        session=session, labeller_id=first.id, pair_id=pair.id, choice="a", client_key="f"
+    )
+    assert pair.judgement_count == 1 and _stored_counts(session)[pair.id] == 1
+    record_judgement(session=session, labeller_id=first.id, pair_id=pair.id, choice="a", client_key="f")
+    with pytest.raises(AlreadyJudged):
+        record_judgement(session=session, labeller_id=first.id, pair_id=pair.id, choice="b", client_key="g")
+    assert _stored_counts(session)[pair.id] == 1
+    undo_judgement(
+        session=session,
+        labeller_id=first.id,
+        judgement_id=done.judgement.id,
+        window_seconds=15,
+        lease_seconds=60,
+    )
+    assert pair.judgement_count == 0 and _stored_counts(session)[pair.id] == 0
+    record_judgement(session=session, labeller_id=first.id, pair_id=pair.id, choice="b", client_key="f2")
+    assert next_pair(session=session, labeller_id=second.id, lease_seconds=60) is not None
+    record_judgement(session=session, labeller_id=second.id, pair_id=pair.id, choice="a", client_key="s")
+    assert _stored_counts(session)[pair.id] == 2
+    # complete: the pair leaves the pool for a third labeller
+    assert next_pair(session=session, labeller_id=make_labeller()[0].id, lease_seconds=60) is None
+
+
 def test_records_choice_and_shown_side_and_releases_lease(
     session: Session, labeller: Labeller, pair: Pair
 ) -> None:
@@ -190,3 +231,4 @@ def test_concurrent_identical_posts_record_one_judgement(engine_committed: Commi
         assert sum(created for _, created in outcomes) == 1 and len(outcomes) == 8
         with factory() as session:
             assert _count(session) == number + 1
+            assert sum(_stored_counts(session).values()) == number + 1
