@@ -12,11 +12,10 @@ calls of next_pair for labellers without a lease in turn, each call in its own t
 rolled back, so every call sees the same pool. Figures go to --out under --label (a run with another
 label, e.g. another pool size or after a schema change, is recorded beside the earlier ones).
 
-Then, on the same data, it measures two things the app does not do (yet), to size a fix: the app's
-candidate query with JIT compilation off, and a prototype where pairs carry their judgement count
-(`judged`, kept by whoever records a judgement) under a partial index on open pairs in the order
-the lease wants, so the scan can stop at the first free pair instead of visiting every pair of
-the newest version. Each is timed over --sql-calls executions of the bare statement.
+Then, on the same data, it times the app's candidate statement (which reads the pairs' stored
+`judgement_count` through the partial index `ix_pairs_open`) against the statement the app sent
+before that column existed (commit 832bd65: a judgement count per pair in a correlated subquery),
+each over --sql-calls executions of the bare statement, and records both plans.
 
 Usage: python bench/next_pair_query.py [--pairs 100000] [--judgements 20000] [--calls 200]
     [--label pool-100000-pairs] [--out bench/results/next_pair_query.json]
@@ -77,6 +76,9 @@ def seed(engine: Engine, *, pairs: int, judgements: int, versions: int, prompts:
            FROM generate_series(1, :pairs) k""",
         """INSERT INTO judgements (pair_id, labeller_id, choice, shown_left, decide_ms, client_key, created_at)
            SELECT j, j % :labellers + 1, 'a', 'a', 1000, md5(j::text), now() FROM generate_series(1, :judgements) j""",
+        # what core.db.judgements keeps as it records judgements
+        """UPDATE pairs SET judgement_count = c.n
+           FROM (SELECT pair_id, count(*) AS n FROM judgements GROUP BY pair_id) AS c WHERE c.pair_id = pairs.id""",
         # the second half of the labellers each hold a live lease on one of the newest pairs ...
         """INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
            SELECT :pairs - i, i, 'a', now() + interval '2 minutes'
@@ -150,21 +152,16 @@ def explain(engine: Engine, statement: str, parameters: Any) -> dict[str, Any]:
     }
 
 
-PROTOTYPE_SCHEMA = [
-    "ALTER TABLE pairs ADD COLUMN judged integer NOT NULL DEFAULT 0",
-    """UPDATE pairs SET judged = c.n
-       FROM (SELECT pair_id, count(*) AS n FROM judgements GROUP BY pair_id) AS c WHERE c.pair_id = pairs.id""",
-    """CREATE INDEX ix_pairs_open ON pairs (policy_version DESC, judged DESC, id)
-       WHERE judged < required_judgements""",
-    "ANALYZE pairs",
-]
-PROTOTYPE_QUERY = """
+# The candidate statement as the app sent it before pairs carried judgement_count (commit 832bd65).
+BEFORE_QUERY = """
 SELECT pairs.id FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id
-WHERE prompts.active IS true AND pairs.judged < pairs.required_judgements
+WHERE prompts.active IS true
+  AND (SELECT count(judgements.id) FROM judgements WHERE judgements.pair_id = pairs.id) < pairs.required_judgements
   AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.pair_id = pairs.id AND leases.expires_at > now())
   AND NOT EXISTS (SELECT 1 FROM judgements
                   WHERE judgements.pair_id = pairs.id AND judgements.labeller_id = %(labeller_id)s)
-ORDER BY pairs.policy_version DESC, pairs.judged DESC, pairs.id
+ORDER BY pairs.policy_version DESC,
+         (SELECT count(judgements.id) FROM judgements WHERE judgements.pair_id = pairs.id) DESC, pairs.id
 LIMIT 1 FOR UPDATE OF pairs SKIP LOCKED
 """
 
@@ -186,24 +183,19 @@ def time_sql(
     return timings
 
 
-def sizing(engine: Engine, candidates: tuple[str, Any], labeller_id: int, calls: int) -> dict[str, Any]:
-    """The app's candidate query with JIT off, and the prototype (schema changed: run it last)."""
+def before_and_after(
+    engine: Engine, candidates: tuple[str, Any], labeller_id: int, calls: int
+) -> dict[str, Any]:
+    """The app's candidate statement now, and the one it sent before the count column, same data."""
     statement, parameters = candidates
-    app = time_sql(engine, statement, parameters, calls)
-    no_jit = time_sql(engine, statement, parameters, calls, setup="SET LOCAL jit = off")
-    with engine.begin() as conn:
-        for ddl in PROTOTYPE_SCHEMA:
-            conn.exec_driver_sql(ddl)
+    now = time_sql(engine, statement, parameters, calls)
     params = {"labeller_id": labeller_id}
-    proto = time_sql(engine, PROTOTYPE_QUERY, params, calls)
-    plan = explain(engine, PROTOTYPE_QUERY, params)
+    before = time_sql(engine, BEFORE_QUERY, params, calls)
     return {
         "sql_calls": calls,
-        "app_candidates_ms": {"p50": percentile(app, 0.5), "p95": percentile(app, 0.95)},
-        "app_candidates_jit_off_ms": {"p50": percentile(no_jit, 0.5), "p95": percentile(no_jit, 0.95)},
-        "prototype_judged_column_ms": {"p50": percentile(proto, 0.5), "p95": percentile(proto, 0.95)},
-        "prototype_schema": PROTOTYPE_SCHEMA,
-        "prototype_plan": plan["plan"],
+        "candidates_ms": {"p50": percentile(now, 0.5), "p95": percentile(now, 0.95)},
+        "before_count_column_ms": {"p50": percentile(before, 0.5), "p95": percentile(before, 0.95)},
+        "before_plan": explain(engine, BEFORE_QUERY, params)["plan"],
     }
 
 
@@ -267,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nslowest statement's plan:\n" + "\n".join(slowest["plan"]))
         time_calls(engine, free_labellers, 5)  # warm the pool and caches
         timings = time_calls(engine, free_labellers, args.calls)
-        candidates = captured[statements.index(slowest)]
-        sized = sizing(engine, candidates, free_labellers[0], args.sql_calls)
-        print("\nprototype plan (judged column + partial index):\n" + "\n".join(sized["prototype_plan"]))
+        candidates = next(c for c in captured if "FROM pairs JOIN prompts" in c[0])
+        compared = before_and_after(engine, candidates, free_labellers[0], args.sql_calls)
+        print("\nthe candidate statement before the count column:\n" + "\n".join(compared["before_plan"]))
     finally:
         engine.dispose()
         drop_database(args.postgres, url)
@@ -280,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                          "max": max(timings)},
         "statements": [{k: v for k, v in s.items() if k != "plan"} for s in statements],
         "slowest_plan": slowest["plan"],
-        "sizing_a_fix": sized,
+        "candidates_before_and_after": compared,
         "machine": f"{os.cpu_count()} cores, Postgres on the same machine",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
@@ -291,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nnext_pair over {args.calls} calls: p50 {run['next_pair_ms']['p50']:.1f} ms, "
           f"p95 {run['next_pair_ms']['p95']:.1f} ms  -> {out} [{args.label}]")  # fmt: skip
-    for name in ("app_candidates_ms", "app_candidates_jit_off_ms", "prototype_judged_column_ms"):
-        print(f"{name}: p50 {sized[name]['p50']:.2f} ms, p95 {sized[name]['p95']:.2f} ms")
+    for name in ("candidates_ms", "before_count_column_ms"):
+        print(f"{name}: p50 {compared[name]['p50']:.2f} ms, p95 {compared[name]['p95']:.2f} ms")
     return 0
 
 
