@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.diffusion.sampler import SamplerSettings
     from core.pool import refill_pool
     from core.queue import ThreadQueue
-    from trainer.evaluation import JudgeEvaluator, paired_difference
+    from trainer.evaluation import JudgeEvaluator
     from trainer.main import build_trainer
     from worker.main import build_sampler
 
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     judge_name = args.oracle if args.oracle != "none" else "faithfulness"
     evaluator = JudgeEvaluator(
         judge=judge_name,
-        prompts=train + held_out,
+        prompts=train,
+        held_out=held_out,
         seeds=[10_000 + i for i in range(args.eval_seeds)],
         settings=SamplerSettings(num_steps=args.steps, guidance_scale=7.5),
     )
@@ -188,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     def trainer() -> None:
         trainer = build_trainer(settings, evaluate=evaluator)
         scores[0] = evaluator(trainer.policy)
+        evaluator.baseline = scores[0]["judge_scores"]
         log.info(
-            "version 0: %s judge score %.3f, accepts %.0f%%",
+            "version 0: %s judge score %.3f on the %d trained prompts, %.3f on %d held-out ones; accepts %.0f%%",
             judge_name,
-            scores[0]["judge_score"],
+            scores[0]["judge_score_train"],
+            len(train),
+            scores[0]["judge_score_held_out"],
+            len(held_out),
             100 * scores[0]["judge_accept"],
         )
         while not stop.is_set():
@@ -204,18 +209,22 @@ def main(argv: list[str] | None = None) -> int:
 
                 metrics = get_policy_version(session=session, version=version).metrics
             scores[version] = metrics
-            diff, diff_se = paired_difference(metrics["judge_scores"], scores[0]["judge_scores"])
             log.info(
-                "version %d published %.1f min after start: %s judge score %.3f (version 0: %.3f; "
-                "paired difference %+.3f ± %.3f over %d prompt/seed cases), accepts %.0f%% (version 0: %.0f%%)",
+                "version %d published %.1f min after start: %s judge score on the trained prompts %.3f "
+                "(version 0: %.3f; paired gain %+.3f ± %.3f over %d prompt/seed cases), on held-out "
+                "prompts %.3f (version 0: %.3f; paired gain %+.3f ± %.3f); accepts %.0f%% (version 0: %.0f%%)",
                 version,
                 (time.perf_counter() - started) / 60,
                 judge_name,
-                metrics["judge_score"],
-                scores[0]["judge_score"],
-                diff,
-                diff_se,
-                metrics["eval_samples"],
+                metrics["judge_score_train"],
+                scores[0]["judge_score_train"],
+                metrics["judge_gain_train"],
+                metrics["judge_gain_train_se"],
+                len(train) * args.eval_seeds,
+                metrics["judge_score_held_out"],
+                scores[0]["judge_score_held_out"],
+                metrics["judge_gain_held_out"],
+                metrics["judge_gain_held_out_se"],
                 100 * metrics["judge_accept"],
                 100 * scores[0]["judge_accept"],
             )
@@ -278,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     if scores:
         log.info(
             "summary: "
-            + ", ".join(f"v{v} {m.get('judge_score', float('nan')):.3f}" for v, m in sorted(scores.items()))
+            + ", ".join(
+                f"v{v} {m.get('judge_score_train', float('nan')):.3f} (gain {m.get('judge_gain_train', 0.0):+.3f})"
+                for v, m in sorted(scores.items())
+            )
+            + " on the trained prompts"
         )
     return 0

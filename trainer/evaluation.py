@@ -8,7 +8,7 @@ versions comparable: the same initial noise, only the adapter differs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.diffusion.policy import Policy
@@ -17,26 +17,51 @@ from core.diffusion.sampler import SamplerSettings, sample_trajectories
 
 @dataclass
 class JudgeEvaluator:
+    """Scores `prompts` (the ones being trained on) and `held_out` (never labelled) at `seeds`.
+
+    Metrics: the overall score and accept rate, the score of each part, and the per-case scores in
+    order (trained cases first). Once `baseline` holds version 0's per-case scores, each part also
+    gets its paired gain over version 0 with a standard error (`judge_gain_train`, ..._se): the
+    figure that shows whether training helps, long before the raw means separate."""
+
     judge: str
     prompts: list[str]
     seeds: list[int]
     settings: SamplerSettings
     batch: int = 32
+    held_out: list[str] = field(default_factory=list)
+    baseline: list[float] | None = None
 
     def __call__(self, policy: Policy) -> dict[str, Any]:
         from core.judges import make_judge
 
-        cases = [(p, s) for p in self.prompts for s in self.seeds]
+        cases = [(p, s) for p in self.prompts + self.held_out for s in self.seeds]
         scores, accepted = judge_cases(policy, make_judge(self.judge), cases, self.settings, self.batch)
         n = max(len(scores), 1)
-        return {
+        metrics: dict[str, Any] = {
             "judge": self.judge,
             "judge_score": sum(scores) / n,
             "judge_accept": sum(accepted) / n,
             "eval_samples": len(scores),
-            # Per (prompt, seed) case, in order: versions compare pairwise on the same initial noise.
-            "judge_scores": [round(s, 5) for s in scores],
         }
+        n_train = len(self.prompts) * len(self.seeds)
+        parts = {"train": slice(0, n_train), "held_out": slice(n_train, len(scores))}
+        for name, part in parts.items():
+            if not scores[part]:
+                continue
+            metrics[f"judge_score_{name}"] = sum(scores[part]) / len(scores[part])
+            if self.baseline is not None:
+                if len(self.baseline) != len(scores):
+                    raise ValueError(
+                        f"baseline has {len(self.baseline)} cases but this evaluation has {len(scores)}: "
+                        "score version 0 with the same prompts and seeds"
+                    )
+                gain, se = paired_difference(scores[part], self.baseline[part])
+                metrics[f"judge_gain_{name}"] = round(gain, 5)
+                metrics[f"judge_gain_{name}_se"] = round(se, 5)
+        # Per (prompt, seed) case, in order: versions compare pairwise on the same initial noise.
+        metrics["judge_scores"] = [round(s, 5) for s in scores]
+        return metrics
 
 
 def judge_cases(

@@ -4,6 +4,7 @@ runs headless through one training round and publishes a version."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 from pathlib import Path
@@ -41,12 +42,17 @@ def test_demo_runs_one_round_headless(tmp_path: Path, caplog: pytest.LogCaptureF
     # 8 training prompts (the default) + 4 held-out ones, 1 seed each, scored case by case.
     assert metrics["eval_samples"] == len(metrics["judge_scores"]) == 12
     assert abs(sum(metrics["judge_scores"]) / 12 - metrics["judge_score"]) < 1e-4
+    assert abs(sum(metrics["judge_scores"][:8]) / 8 - metrics["judge_score_train"]) < 1e-4
+    assert abs(sum(metrics["judge_scores"][8:]) / 4 - metrics["judge_score_held_out"]) < 1e-4
+    # paired against version 0's per-case scores (same cases: the paired mean is the difference of
+    # the means), which the demo logged when it scored version 0
+    [v0_line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("version 0:")]
+    v0_train = float(re.search(r"judge score ([0-9.]+) on the 8 trained prompts", v0_line).group(1))  # type: ignore[union-attr]
+    assert abs(metrics["judge_score_train"] - v0_train - metrics["judge_gain_train"]) < 1e-3
+    assert metrics["judge_gain_train_se"] >= 0.0 and "judge_gain_held_out" in metrics
     judged = db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
     assert judged >= 4
     assert any("pairs are ready after" in r.getMessage() for r in caplog.records)
     published = [r.getMessage() for r in caplog.records if "version 1 published" in r.getMessage()]
-    assert (
-        len(published) == 1
-        and "paired difference" in published[0]
-        and "over 12 prompt/seed cases" in published[0]
-    )
+    gain = f"paired gain {metrics['judge_gain_train']:+.3f}"
+    assert len(published) == 1 and gain in published[0] and "over 8 prompt/seed cases" in published[0]

@@ -111,12 +111,15 @@ def test_admin_pages(client: TestClient, session: Session, pair: Pair) -> None:
         parent_version=0,
         lora_key="x/1",
         lora_sha256="1" * 64,
-        metrics={"win_rate": 0.6},
+        metrics={"win_rate": 0.6, "judge_gain_train": 0.0123456, "judge_scores": [0.41111, 0.92222]},
     )
     dashboard = client.get("/admin")
     assert dashboard.status_code == 200
     assert '<div class="big" id="queue-depth">1</div>' in dashboard.text and "<svg" in dashboard.text
-    assert "win_rate" in dashboard.text
+    assert "win_rate=0.6" in dashboard.text and "judge_gain_train=0.0123 " in dashboard.text
+    assert "<figcaption>judge_gain_train</figcaption>" in dashboard.text
+    # per-case score lists are for analysis, not for the table
+    assert "0.41111" not in dashboard.text
     csrf = _csrf(dashboard.text)
     client.post("/admin/prompts", data={"csrf": csrf, "text": "a green kite", "split": "train"})
     client.post(
