@@ -66,27 +66,91 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def labels_to_reach(
+def reach_by_seed(
     rows: list[dict[str, Any]], threshold: float
-) -> dict[tuple[Any, ...], list[float | None]]:
-    """Per setting, per seed: labels at which the training-prompt paired difference from version 0 first
-    reaches `threshold` (linear interpolation between evaluation points), or None if it never does."""
+) -> dict[tuple[Any, ...], dict[int, tuple[float | None, int]]]:
+    """Per setting, per seed: (labels at which the training-prompt paired difference from version 0
+    first reaches `threshold`, by linear interpolation between evaluation points, or None if it never
+    does; the label budget that seed ran to)."""
     cells: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         cells[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"])][r["seed"]].append(r)
-    out: dict[tuple[Any, ...], list[float | None]] = {}
+    out: dict[tuple[Any, ...], dict[int, tuple[float | None, int]]] = {}
     for key, seeds in sorted(cells.items()):
-        reached: list[float | None] = []
-        for _, rs in sorted(seeds.items()):
+        out[key] = {}
+        for seed, rs in sorted(seeds.items()):
             points = sorted((r["labels_used"], r["train"].get("diff_vs_v0", 0.0)) for r in rs)
             hit = None
             for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
                 if y1 >= threshold > y0:
                     hit = x0 + (threshold - y0) / (y1 - y0) * (x1 - x0)
                     break
-            reached.append(hit)
-        out[key] = reached
+            out[key][seed] = (hit, points[-1][0])
     return out
+
+
+def labels_to_reach(
+    rows: list[dict[str, Any]], threshold: float
+) -> dict[tuple[Any, ...], list[float | None]]:
+    """reach_by_seed without the budgets, seeds in order."""
+    return {
+        key: [hit for _, (hit, _) in sorted(seeds.items())]
+        for key, seeds in reach_by_seed(rows, threshold).items()
+    }
+
+
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, den: float) -> str:
+    """Labels needed to reach `threshold` at gamma `num` over gamma `den`, paired by seed.
+
+    Per seed the ratio is exact when both runs reached the threshold, an upper bound (<) when only
+    `num` did (the other needed more than its budget), a lower bound (>) when only `den` did, and
+    unknown (?) when neither did. The summary is the geometric mean over seeds where both reached,
+    with a 95% t-interval of the mean log-ratio across those seeds; and, when every censored seed
+    is censored in the denominator only, the bound that counting those seeds at their budget gives.
+    """
+    reach = reach_by_seed(rows, threshold)
+    lines = [
+        f"| beta | M | noise | labels to +{threshold}: gamma {num} / gamma {den}, per seed "
+        "| geometric mean (seeds where both reach) | 95% interval across seeds | counting unreached at the budget |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (gamma, beta, m, noise), seeds in reach.items():
+        if gamma != num or (den, beta, m, noise) not in reach:
+            continue
+        other = reach[(den, beta, m, noise)]
+        shown, logs, bounded, direction = [], [], [], set()
+        for seed in sorted(set(seeds) & set(other)):
+            (a, budget_a), (b, budget_b) = seeds[seed], other[seed]
+            if a is not None and b is not None:
+                shown.append(f"{a / b:.2f}")
+                logs.append(math.log(a / b))
+                bounded.append(math.log(a / b))
+            elif a is not None:
+                shown.append(f"<{a / budget_b:.2f}")
+                bounded.append(math.log(a / budget_b))
+                direction.add("<")
+            elif b is not None:
+                shown.append(f">{budget_a / b:.2f}")
+                direction.add(">")
+            else:
+                shown.append("?")
+                direction.add("?")
+        gm = f"{math.exp(sum(logs) / len(logs)):.2f} ({len(logs)} seeds)" if logs else "-"
+        interval = "-"
+        if len(logs) >= 2:
+            mu, se = mean_se(logs)
+            half = T975[min(len(logs) - 1, len(T975)) - 1] * se
+            interval = f"[{math.exp(mu - half):.2f}, {math.exp(mu + half):.2f}]"
+        bound = "-"
+        if "<" in direction and ">" not in direction:
+            unknown = f", {shown.count('?')} unknown left out" if "?" in direction else ""
+            bound = f"< {math.exp(sum(bounded) / len(bounded)):.2f} ({len(bounded)} seeds{unknown})"
+        lines.append(f"| {beta} | {m} | {noise} | {', '.join(shown)} | {gm} | {interval} | {bound} |")
+    return "\n".join(lines)
 
 
 def threshold_table(rows: list[dict[str, Any]], threshold: float) -> str:
@@ -144,11 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threshold", type=float, default=0.02, help="paired score gain for the labels table"
     )
+    parser.add_argument(
+        "--ratio",
+        nargs=2,
+        type=float,
+        default=(0.9, 1.0),
+        metavar=("NUM", "DEN"),
+        help="compare labels-to-threshold of gamma NUM over gamma DEN (default 0.9 1.0)",
+    )
     args = parser.parse_args(argv)
-    rows = [r for path in args.rows for r in load(path)]
+    # A cell rerun (say with more rounds) repeats its earlier rows exactly; the last copy wins.
+    unique: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in (r for path in args.rows for r in load(path)):
+        unique[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"], r["seed"], r["version"])] = r
+    rows = list(unique.values())
     print(table(rows))
     print()
     print(threshold_table(rows, args.threshold))
+    print()
+    print(ratio_table(rows, args.threshold, *args.ratio))
     if args.plot:
         plot(rows, args.plot)
         print(f"\nplot written to {args.plot}")

@@ -1,0 +1,66 @@
+"""experiments/report.py: labels-to-threshold by interpolation, and the gamma ratio paired by seed
+with its censoring (a run that never reached the threshold within its budget)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+
+import report  # noqa: E402
+
+
+def rows_for(gamma: float, seed: int, diffs: list[float], per_round: int = 64) -> list[dict[str, Any]]:
+    return [
+        {
+            "gamma": gamma, "beta": 10.0, "sampled_steps": 3, "noise": 0.0, "seed": seed, "version": v,
+            "labels_used": v * per_round,
+            "train": {"mean": 0.6 + d, "se": 0.01, "accept": 0.3, "diff_vs_v0": d, "win_rate_vs_v0": 0.5},
+            "held_out": {"mean": 0.5, "se": 0.01, "accept": 0.1, "diff_vs_v0": 0.0, "win_rate_vs_v0": 0.5},
+        }
+        for v, d in enumerate(diffs)
+    ]  # fmt: skip
+
+
+def test_labels_to_reach_interpolates_and_marks_unreached() -> None:
+    rows = rows_for(0.9, 0, [0.0, 0.01, 0.03]) + rows_for(0.9, 1, [0.0, -0.01, 0.015])
+    reach = report.reach_by_seed(rows, 0.02)
+    key = (0.9, 10.0, 3, 0.0)
+    assert reach[key][0] == (pytest.approx(96.0), 128)  # halfway from +0.01 at 64 to +0.03 at 128
+    assert reach[key][1] == (None, 128)
+    assert report.labels_to_reach(rows, 0.02)[key] == [pytest.approx(96.0), None]
+
+
+def test_ratio_is_paired_by_seed_with_interval_and_censored_bounds() -> None:
+    rows = (
+        rows_for(0.9, 0, [0.0, 0.04, 0.05])  # reaches +0.02 at 32 labels
+        + rows_for(1.0, 0, [0.0, 0.01, 0.03])  # at 96: ratio 1/3
+        + rows_for(0.9, 1, [0.0, 0.02, 0.05])  # at 64
+        + rows_for(1.0, 1, [0.0, 0.0, 0.02])  # at 128: ratio 1/2
+        + rows_for(0.9, 2, [0.0, 0.01, 0.03])  # at 96
+        + rows_for(1.0, 2, [0.0, 0.0, 0.0])  # never within 128: ratio < 96/128
+    )
+    line = report.ratio_table(rows, 0.02, 0.9, 1.0).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "0.33, 0.50, <0.75"
+    assert cells[4] == "0.41 (2 seeds)"  # sqrt(1/3 * 1/2)
+    low, high = (float(x) for x in cells[5].strip("[]").split(","))
+    assert low < 0.41 < high  # t-interval over 2 seeds: wide
+    assert cells[6] == "< 0.50 (3 seeds)"  # (1/3 * 1/2 * 3/4) ** (1/3)
+
+
+def test_main_keeps_one_copy_of_repeated_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = tmp_path / "a.jsonl"
+    again = tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows_for(0.9, 0, [0.0, 0.03])))
+    again.write_text("".join(json.dumps(r) + "\n" for r in rows_for(0.9, 0, [0.0, 0.03, 0.04])))
+    assert report.main([str(first), str(again)]) == 0
+    out = capsys.readouterr().out
+    # one seed per version row, not two
+    assert "| 0.9 | 10.0 | 3 | 0.0 | 1 | 64 | 1 |" in out
+    assert "| 0.9 | 10.0 | 3 | 0.0 | 2 | 128 | 1 |" in out
