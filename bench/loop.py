@@ -9,7 +9,8 @@ database and Redis db 14 it:
    the last label of the round to the first pair sampled by the new version. A deployed trainer
    polls every `dpo.poll_seconds`; that wait (on average half the interval) is reported apart.
 
-Usage: python bench/loop.py [--model tiny:sd|PATH] [--prompts 4] [--pool 4] [--steps 20] [--rounds-steps 10]
+Usage: python bench/loop.py [--model tiny:sd|PATH] [--prompts 4] [--pool 4] [--steps 20] [--round-steps 10]
+    [--pairs-per-job N] [--out bench/results/loop.json]
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-steps", type=int, default=10, help="optimizer steps per round")
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument(
+        "--pairs-per-job",
+        type=int,
+        default=None,
+        help="pairs one sampling job draws as a batch (default: settings)",
+    )
+    parser.add_argument(
         "--postgres",
         default=os.environ.get(
             "DENSEALIGN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                     "pairs_per_step": args.pairs_per_step,
                     "checkpoint_every": max(1, args.round_steps // 2),
                 },  # type: ignore[arg-type]
-                pool={"target_per_prompt": args.pool},  # type: ignore[arg-type]
+                pool={"target_per_prompt": args.pool}  # type: ignore[arg-type]
+                | ({"pairs_per_job": args.pairs_per_job} if args.pairs_per_job else {}),
             )
             sessions = make_session_factory(make_engine(url))
             with sessions() as session, session.begin():
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         redis=redis,
                         target_per_prompt=args.pool,
                         max_version_lag=2,
+                        pairs_per_job=settings.pool.pairs_per_job,
                     )
 
             # 1. sampling throughput
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             worker.work(burst=True)
             sample_s = time.perf_counter() - t0
-            log(f"[sampling] {jobs} pairs in {sample_s:.1f}s")
+            log(f"[sampling] {jobs} pairs in {sample_s:.1f}s ({settings.pool.pairs_per_job} per job)")
 
             # 2. label everything through the API
             client = TestClient(create_app(settings))
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     "round_steps": args.round_steps,
                     "pairs_per_step": args.pairs_per_step,
                     "sampled_steps_M": settings.dpo.sampled_steps,
+                    "pairs_per_job": settings.pool.pairs_per_job,
                 },
                 "pairs_per_second_per_worker": jobs / sample_s,
                 "seconds_per_pair": sample_s / jobs,
