@@ -46,6 +46,14 @@ class AlreadyJudged(Conflict):
         )
 
 
+class PairComplete(Conflict):
+    def __init__(self, pair_id: int) -> None:
+        super().__init__(
+            f"pair {pair_id} already has all the judgements it needs (your lease on it had run out); "
+            "nothing was stored: take the next pair from GET /api/v1/pairs/next"
+        )
+
+
 class ClientKeyReused(Conflict):
     def __init__(self, client_key: str) -> None:
         super().__init__(

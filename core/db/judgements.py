@@ -22,6 +22,7 @@ from core.db.errors import (
     DomainError,
     InvalidInput,
     JudgementNotFound,
+    PairComplete,
     PairNotLeased,
     UndoBlocked,
     UndoWindowPassed,
@@ -83,29 +84,38 @@ def record_judgement(
         with session.begin_nested():
             session.add(judgement)
             session.flush()
-            _count(session, pair_id, +1)
+            if not _count(session, pair_id, +1):
+                raise PairComplete(pair_id)  # rolls the savepoint back: the judgement is not stored
             session.execute(delete(Lease).where(Lease.id == lease.id))
+    except PairComplete as refusal:
+        return repeat_or(refusal)
     except IntegrityError:
         # Lost a race with an identical request (same key) or a second tab (same pair).
         return repeat_or(AlreadyJudged(pair_id, labeller_id))
     return Recorded(judgement, created=True)
 
 
-def _count(session: Session, pair_id: int, delta: int) -> None:
-    """Move the pair's stored judgement count with the row just added or removed.
+def _count(session: Session, pair_id: int, delta: int) -> bool:
+    """Move the pair's stored judgement count with the row just added or removed; False (nothing
+    changed) when adding would take the pair past its required judgements.
 
-    One UPDATE with arithmetic in the database, so two labellers judging the same agreement pair at
-    once both count (Postgres takes the row lock; the second update sees the first's result).
+    One guarded UPDATE with the arithmetic in the database: Postgres takes the row lock and
+    re-checks the guard after waiting on it, so two judgements racing for a pair's last place (a
+    lease that ran out and was handed on) cannot both land, and concurrent ones on an agreement
+    pair both count.
     """
-    session.execute(
+    guard = Pair.judgement_count < Pair.required_judgements if delta > 0 else Pair.judgement_count > 0
+    changed = session.execute(
         update(Pair)
-        .where(Pair.id == pair_id)
+        .where(Pair.id == pair_id, guard)
         .values(judgement_count=Pair.judgement_count + delta)
+        .returning(Pair.id)
         .execution_options(synchronize_session=False)
-    )
+    ).first()
     pair = session.identity_map.get(session.identity_key(Pair, pair_id))
     if pair is not None:  # loaded earlier in this session: read the new count on next access
         session.expire(pair, ["judgement_count"])
+    return changed is not None
 
 
 def _by_client_key(

@@ -5,7 +5,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.assignment import next_pair
@@ -13,6 +13,7 @@ from core.db.base import utcnow
 from core.db.errors import (
     AlreadyJudged,
     ClientKeyReused,
+    PairComplete,
     PairNotFound,
     PairNotLeased,
     UndoBlocked,
@@ -184,6 +185,88 @@ def test_undo_does_not_steal_a_live_lease(
             lease_seconds=60,
         )
     assert _count(session) == 1
+
+
+def test_judgement_past_a_pairs_required_count_is_refused_and_not_stored(
+    session: Session, make_labeller: Callable[..., tuple[Labeller, str]], make_pair: Callable[..., Pair]
+) -> None:
+    """A lease that ran out can be taken over just as its old holder's judgement commits, leaving the
+    new holder a lease on a pair that is already complete: their judgement must not be stored."""
+    pair = make_pair(required=1)
+    first, second = make_labeller()[0], make_labeller()[0]
+    next_pair(session=session, labeller_id=first.id, lease_seconds=60)
+    record_judgement(session=session, labeller_id=first.id, pair_id=pair.id, choice="a", client_key="f")
+    # what the takeover leaves behind when it lands after the first judgement's commit
+    session.add(
+        Lease(pair_id=pair.id, labeller_id=second.id, left_side="b", expires_at=utcnow() + dt.timedelta(60))
+    )
+    session.flush()
+    with pytest.raises(PairComplete, match=f"pair {pair.id} already has all the judgements it needs"):
+        record_judgement(session=session, labeller_id=second.id, pair_id=pair.id, choice="b", client_key="s")
+    assert _count(session) == 1 and _stored_counts(session)[pair.id] == 1
+    assert session.scalar(select(Judgement).where(Judgement.client_key == "s")) is None
+
+
+def _judge_racing(
+    factory: Callable[[], Session],
+    barrier: threading.Barrier,
+    outcomes: list[str],
+    pair_id: int,
+    who: int,
+    lease_first: bool,
+) -> None:
+    """Post a judgement of `pair_id` (after asking for a pair when `lease_first`); note what came of it."""
+    barrier.wait()
+    with factory() as session:
+        try:
+            if lease_first:
+                assignment = next_pair(session=session, labeller_id=who, lease_seconds=60)
+                session.commit()
+                if assignment is None:
+                    outcomes.append("no pair")
+                    return
+            record_judgement(
+                session=session, labeller_id=who, pair_id=pair_id, choice="a", client_key=f"{who}-{pair_id}"
+            )
+            session.commit()
+            outcomes.append("stored")
+        except (PairComplete, PairNotLeased) as refusal:
+            session.rollback()
+            outcomes.append(type(refusal).__name__)
+
+
+def test_racing_for_a_pairs_last_place_stores_one_judgement(engine_committed: Committed) -> None:
+    """The old holder of an expired lease posts while another labeller is handed the same pair and
+    posts too, released together; repeated over 10 pairs wanting one judgement each. Never two."""
+    factory, labeller_ids, pair_ids = engine_committed
+    with factory() as session:
+        session.execute(update(Pair).values(required_judgements=1, judgement_count=1))
+        session.commit()
+    old, new = labeller_ids[0], labeller_ids[1]
+    for pair_id in pair_ids[:10]:
+        with factory() as session:  # only this pair is open; its lease has just run out
+            session.execute(update(Pair).where(Pair.id == pair_id).values(judgement_count=0))
+            got = next_pair(
+                session=session, labeller_id=old, lease_seconds=1, now=utcnow() - dt.timedelta(seconds=5)
+            )
+            assert got is not None and got.pair.id == pair_id
+            session.commit()
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+        threads = [
+            threading.Thread(target=_judge_racing, args=(factory, barrier, outcomes, pair_id, old, False)),
+            threading.Thread(target=_judge_racing, args=(factory, barrier, outcomes, pair_id, new, True)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert outcomes.count("stored") == 1, outcomes
+        with factory() as session:
+            rows = session.scalar(
+                select(func.count()).select_from(Judgement).where(Judgement.pair_id == pair_id)
+            )
+            assert rows == 1 and session.get_one(Pair, pair_id).judgement_count == 1
 
 
 def _post_at_once(
