@@ -99,6 +99,26 @@ def labels_to_reach(
     }
 
 
+def final_table(rows: list[dict[str, Any]]) -> str:
+    """Per setting, each seed's training-prompt paired difference at its last evaluation point: with
+    seeds shared across settings (same initial pool and evaluation noise), the columns pair up."""
+    last: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        key = (r["gamma"], r["beta"], r["sampled_steps"], r["noise"])
+        if r["seed"] not in last[key] or r["version"] > last[key][r["seed"]]["version"]:
+            last[key][r["seed"]] = r
+    seeds = sorted({seed for cell in last.values() for seed in cell})
+    lines = [
+        "| gamma | beta | M | noise | labels | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|---|---|---|" + "---|" * len(seeds),
+    ]
+    for (gamma, beta, m, noise), cell in sorted(last.items()):
+        labels = max(r["labels_used"] for r in cell.values())
+        shown = [f"{cell[s]['train']['diff_vs_v0']:+.3f}" if s in cell else "" for s in seeds]
+        lines.append(f"| {gamma} | {beta} | {m} | {noise} | {labels} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
 # Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
@@ -216,15 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("NUM", "DEN"),
         help="compare labels-to-threshold of gamma NUM over gamma DEN (default 0.9 1.0)",
     )
+    parser.add_argument("--gammas", nargs="+", type=float, default=None, help="keep only these gammas")
     args = parser.parse_args(argv)
     # A cell rerun (say with more rounds) repeats its earlier rows exactly; the last copy wins.
     unique: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in (r for path in args.rows for r in load(path)):
         unique[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"], r["seed"], r["version"])] = r
-    rows = list(unique.values())
+    rows = [r for r in unique.values() if args.gammas is None or r["gamma"] in args.gammas]
     print(table(rows))
     print()
     print(threshold_table(rows, args.threshold))
+    print()
+    print(final_table(rows))
     print()
     print(ratio_table(rows, args.threshold, *args.ratio))
     if args.plot:

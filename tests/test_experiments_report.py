@@ -64,3 +64,13 @@ def test_main_keeps_one_copy_of_repeated_rows(tmp_path: Path, capsys: pytest.Cap
     # one seed per version row, not two
     assert "| 0.9 | 10.0 | 3 | 0.0 | 1 | 64 | 1 |" in out
     assert "| 0.9 | 10.0 | 3 | 0.0 | 2 | 128 | 1 |" in out
+
+
+def test_final_table_lines_up_seeds_at_the_last_point() -> None:
+    rows = (
+        rows_for(0.9, 0, [0.0, 0.01, 0.03]) + rows_for(0.9, 2, [0.0, -0.02]) + rows_for(1.0, 0, [0.0, -0.01])
+    )
+    lines = report.final_table(rows).splitlines()
+    assert lines[0] == "| gamma | beta | M | noise | labels | seed 0 | seed 2 |"
+    assert lines[2] == "| 0.9 | 10.0 | 3 | 0.0 | 128 | +0.030 | -0.020 |"
+    assert lines[3] == "| 1.0 | 10.0 | 3 | 0.0 | 64 | -0.010 |  |"
