@@ -38,11 +38,19 @@ def label_loop(
     idle_wait: float = 2.0,
     stop: threading.Event | None = None,
     name: str = "labeller",
+    tie_margin: float | None = None,
 ) -> int:
-    """Judge pairs until `max_labels`, `stop`, or (with idle_wait 0) an empty pool; returns how many."""
+    """Judge pairs until `max_labels`, `stop`, or (with idle_wait 0) an empty pool; returns how many.
+
+    `tie_margin`: answer 'tie' (which trains nothing) when the judge's two scores differ by at most
+    this much, as a person says "can't tell" on a close pair; None keeps the judge's own (1e-3)."""
     from core.judges import make_judge
 
     judge = make_judge(preference)
+    if tie_margin is not None:
+        if tie_margin < 0:
+            raise ValueError(f"tie margin {tie_margin} is negative; pass 0 or more")
+        judge.tie_margin = tie_margin  # type: ignore[attr-defined]
     rng = random.Random(seed)
     stop = stop or threading.Event()
     done = 0
@@ -103,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL")
     parser.add_argument("--token", default=os.environ.get("DENSEALIGN_LABEL_TOKEN"), help="bearer token")
     parser.add_argument("--noise", type=float, default=0.0, help="share of decisions flipped, 0..1")
+    parser.add_argument(
+        "--tie-margin",
+        type=float,
+        default=None,
+        help="answer 'tie' when the two scores differ by at most this",
+    )
     parser.add_argument("--max", type=int, default=None, help="stop after this many judgements")
     parser.add_argument("--once", action="store_true", help="stop when no pair is waiting")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0.0 <= args.noise <= 1.0:
         sys.stderr.write(f"densealign label: --noise {args.noise} must be between 0 and 1\n")
+        return 2
+    if args.tie_margin is not None and args.tie_margin < 0:
+        sys.stderr.write(f"densealign label: --tie-margin {args.tie_margin} is negative; pass 0 or more\n")
         return 2
     try:
         from core.judges import make_judge
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         max_labels=args.max,
         idle_wait=0.0 if args.once else 2.0,
         name=args.name,
+        tie_margin=args.tie_margin,
     )
     sys.stdout.write(f"{n} judgements recorded\n")
     return 0

@@ -145,6 +145,7 @@ def run_cell(
                     seed=seed * 1000 + round_index,
                     idle_wait=0.0,
                     name="experiment",
+                    tie_margin=args.tie_margin,
                 )
                 version = trainer.run_once()
                 assert version == round_index, f"round {round_index} published {version}: no decisive pair?"
@@ -172,7 +173,7 @@ def run_cell(
                 "settings": {"steps": args.steps, "lr": args.lr, "clip": args.clip, "round_steps": args.round_steps,
                              "pairs_per_round": args.pairs_per_round, "eval_seeds": args.eval_seeds,
                              "prompts": args.prompts, "threads": args.threads, "model": args.model,
-                             "commit": COMMIT},
+                             "tie_margin": args.tie_margin, "commit": COMMIT},
                 "wall_s": time.perf_counter() - started,
             }  # fmt: skip
             rows.append(row)
@@ -199,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="training prompts (of the demo's 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: reproducible)")
     parser.add_argument("--judge", default="faithfulness")
+    parser.add_argument(
+        "--tie-margin",
+        type=float,
+        default=None,
+        help="the labeller says 'tie' on closer scores (default 1e-3)",
+    )
     parser.add_argument("--model", default=str(ROOT / "models" / "densealign-shapes"))
     parser.add_argument("--out", default=str(RESULTS / "online.jsonl"))
     args = parser.parse_args(argv)

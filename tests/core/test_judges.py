@@ -113,3 +113,21 @@ def test_make_judge_by_name():
     assert make_judge("compressibility").name == "compressibility"
     with pytest.raises(ValueError, match="unknown preference"):
         make_judge("aesthetics")
+
+
+def test_label_cli_refuses_a_negative_tie_margin(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.label import main
+
+    assert main(["--token", "t", "--tie-margin", "-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tie-margin -0.1 is negative" in err
+
+
+def test_tie_margin_turns_close_pairs_into_ties() -> None:
+    rng = random.Random(0)
+    assert prefer_by_score(0.53, 0.5, rng, tie_margin=0.05) == "tie"
+    assert (
+        prefer_by_score(0.5, 0.53, rng, tie_margin=0.05, noise_rate=1.0) == "tie"
+    )  # noise never flips a tie
+    assert prefer_by_score(0.56, 0.5, rng, tie_margin=0.05) == "a"
+    assert prefer_by_score(0.53, 0.5, rng) == "a"  # the default margin is 1e-3
