@@ -27,9 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.append(
-    str(Path(__file__).resolve().parent)
-)  # after the repo root: bench/core.py must not shadow core/
+# after the repo root: bench/core.py must not shadow core/
+sys.path.append(str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

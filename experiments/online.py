@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -53,19 +52,13 @@ def _commit() -> str:
 COMMIT = _commit()
 
 
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(n - 1, 1) / n)
-
-
 def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict[str, float]:
     """Mean score (± s.e. over samples), accept rate, the paired difference from version 0 on the same
     (prompt, seed) (± s.e.), and the win rate against version 0 (ties count half)."""
-    from trainer.evaluation import paired_difference
+    from trainer.evaluation import mean_se, paired_difference
 
     scores, accepted = scored
-    mean, se = mean_and_se(scores)
+    mean, se = mean_se(scores)
     diff, diff_se = paired_difference(scores, base)
     wins = sum(
         1.0 if s > b + 1e-6 else 0.5 if abs(s - b) <= 1e-6 else 0.0 for s, b in zip(scores, base, strict=True)

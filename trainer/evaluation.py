@@ -91,8 +91,12 @@ def paired_difference(scores: list[float], base: list[float]) -> tuple[float, fl
     versions shows long before the two means' own error bars separate."""
     if len(scores) != len(base) or not scores:
         raise ValueError(f"need the same non-zero number of cases, got {len(scores)} and {len(base)}")
-    diffs = [s - b for s, b in zip(scores, base, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return mean_se([s - b for s, b in zip(scores, base, strict=True)])
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN with fewer than two values)."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
     return mean, se
