@@ -31,10 +31,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def setting(r: dict[str, Any]) -> tuple[Any, ...]:
+    """The grid cell a row belongs to: (gamma, beta, M, noise)."""
+    return (r["gamma"], r["beta"], r["sampled_steps"], r["noise"])
+
+
 def group(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]]:
     out: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        out[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"])][r["version"]].append(r)
+        out[setting(r)][r["version"]].append(r)
     return out
 
 
@@ -74,7 +79,7 @@ def reach_by_seed(
     does; the label budget that seed ran to)."""
     cells: dict[tuple[Any, ...], dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        cells[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"])][r["seed"]].append(r)
+        cells[setting(r)][r["seed"]].append(r)
     out: dict[tuple[Any, ...], dict[int, tuple[float | None, int]]] = {}
     for key, seeds in sorted(cells.items()):
         out[key] = {}
@@ -104,7 +109,7 @@ def final_table(rows: list[dict[str, Any]]) -> str:
     seeds shared across settings (same initial pool and evaluation noise), the columns pair up."""
     last: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
-        key = (r["gamma"], r["beta"], r["sampled_steps"], r["noise"])
+        key = setting(r)
         if r["seed"] not in last[key] or r["version"] > last[key][r["seed"]]["version"]:
             last[key][r["seed"]] = r
     seeds = sorted({seed for cell in last.values() for seed in cell})
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     # A cell rerun (say with more rounds) repeats its earlier rows exactly; the last copy wins.
     unique: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in (r for path in args.rows for r in load(path)):
-        unique[(r["gamma"], r["beta"], r["sampled_steps"], r["noise"], r["seed"], r["version"])] = r
+        unique[(*setting(r), r["seed"], r["version"])] = r
     rows = [r for r in unique.values() if args.gammas is None or r["gamma"] in args.gammas]
     print(table(rows))
     print()
