@@ -11,6 +11,10 @@ training prompts and for prompts never trained on, and compared per (prompt, see
 Usage:
   python experiments/online.py --gammas 1.0 0.97 0.9 0.8 --seeds 0 1 2 --out experiments/results/grid.jsonl
   python experiments/online.py --gammas 0.9 --seeds 1 --rounds 1    # rerun one cell: same numbers
+  python experiments/online.py --gammas 0.9 1.0 --seeds 0 1 2 3 --jobs 8 --device cuda    # in parallel
+
+Cells are reproducible on the same kind of device with the same torch build; a CPU run and a CUDA
+run of one cell draw different noise (the generators live on the device) and differ.
 
 Defaults (the grid's settings): 8 training prompts, 3 rounds of 64 labelled pairs, 60 optimizer
 steps of 4 pairs per round, lr 1e-3, clip 1e-2, beta 10, M 3, 20 DDIM steps, 16 evaluation seeds.
@@ -19,12 +23,15 @@ steps of 4 pairs per round, lr 1e-3, clip 1e-2, beta 10, M 3, 20 DDIM steps, 16 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +45,6 @@ RESULTS = ROOT / "experiments" / "results"
 
 
 def _commit() -> str:
-    import subprocess
-
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -49,7 +54,8 @@ def _commit() -> str:
         return "unknown"
 
 
-COMMIT = _commit()
+# A copy of the tree without .git (a remote machine) names its commit in DENSEALIGN_COMMIT.
+COMMIT = os.environ.get("DENSEALIGN_COMMIT") or _commit()
 
 
 def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict[str, float]:
@@ -75,7 +81,8 @@ def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict
 
 def run_cell(
     args: argparse.Namespace, gamma: float, beta: float, m: int, noise: float, seed: int
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
+    """Yield the cell's rows as they are measured (version 0 first), so a cell cut short keeps them."""
     from fastapi.testclient import TestClient
 
     from app.demo import demo_prompts, pick_prompts, prepare_database
@@ -97,7 +104,7 @@ def run_cell(
             database_url=f"sqlite:///{tmp}/x.db",
             blob_dir=f"{tmp}/blobs",
             overlap_share=0.0,
-            model={"base_model": args.model, "device": "cpu", "lora_rank": 4},  # type: ignore[arg-type]
+            model={"base_model": args.model, "device": args.device, "lora_rank": 4},  # type: ignore[arg-type]
             sampler={"num_steps": args.steps, "guidance_scale": 7.5},  # type: ignore[arg-type]
             dpo={  # type: ignore[arg-type]
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "clip": args.clip, "lr": args.lr,
@@ -120,7 +127,6 @@ def run_cell(
             "held_out": [(p, s) for p in held_out for s in eval_seeds],
         }
         base = {k: judge_cases(trainer.policy, judge, c, eval_settings)[0] for k, c in cases.items()}
-        rows = []
         labels = 0
         round_metrics: dict[str, Any] = {}
         for round_index in range(args.rounds + 1):
@@ -166,13 +172,81 @@ def run_cell(
                 "settings": {"steps": args.steps, "lr": args.lr, "clip": args.clip, "round_steps": args.round_steps,
                              "pairs_per_round": args.pairs_per_round, "eval_seeds": args.eval_seeds,
                              "prompts": args.prompts, "threads": args.threads, "model": args.model,
-                             "tie_margin": args.tie_margin, "commit": COMMIT},
+                             "tie_margin": args.tie_margin, "device": args.device, "commit": COMMIT},
                 "wall_s": time.perf_counter() - started,
             }  # fmt: skip
-            rows.append(row)
             print(json.dumps(row), flush=True)
+            yield row
         client.close()
-    return rows
+
+
+def cell_argv(
+    argv: list[str], gamma: float, beta: float, m: int, noise: float, seed: int, out: Path
+) -> list[str]:
+    """This script's command line for one cell: the grid options replaced, everything else kept."""
+    grid = {"--gammas", "--betas", "--ms", "--noises", "--seeds", "--out", "--jobs"}
+    kept: list[str] = []
+    skipping = False
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg.split("=", 1)[0]
+            skipping = name in grid and "=" not in arg
+            if name in grid:
+                continue
+        elif skipping:
+            continue
+        kept.append(arg)
+    cell = ["--gammas", str(gamma), "--betas", str(beta), "--ms", str(m), "--noises", str(noise)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *kept,
+        *cell,
+        "--seeds",
+        str(seed),
+        "--out",
+        str(out),
+    ]
+
+
+def run_parallel(
+    argv: list[str], cells: list[tuple[float, float, int, float, int]], out: Path, jobs: int
+) -> int:
+    """Run each cell in its own process, `jobs` at a time; append their rows to `out` in grid order.
+
+    Each cell writes to its own part file beside `out` as it goes, so a run that is stopped keeps
+    every finished evaluation point; the part files are appended to `out` and removed at the end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [out.with_name(f"{out.stem}.part{i}.jsonl") for i in range(len(cells))]
+
+    def one(i: int) -> int:
+        cmd = cell_argv(argv, *cells[i], parts[i])
+        with parts[i].with_suffix(".log").open("w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"cell {i + 1}/{len(cells)} {cells[i]} exit {code}", flush=True)
+        return code
+
+    # Seed-major start order: when fewer cells run at once than there are, the settings compared
+    # on a seed finish together, and a run stopped early leaves paired cells rather than whole
+    # settings missing.
+    order = sorted(range(len(cells)), key=lambda i: (cells[i][4], i))
+    codes = [0] * len(cells)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for i, code in zip(order, pool.map(one, order), strict=True):
+            codes[i] = code
+    with out.open("a") as fh:
+        for part in parts:
+            if part.exists():
+                fh.write(part.read_text())
+                part.unlink()
+    failed = [cells[i] for i, c in enumerate(codes) if c != 0]
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {failed}; see the .log files beside {out}", file=sys.stderr)
+        return 1
+    for part in parts:
+        part.with_suffix(".log").unlink(missing_ok=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,20 +274,26 @@ def main(argv: list[str] | None = None) -> int:
         help="the labeller says 'tie' on closer scores (default 1e-3)",
     )
     parser.add_argument("--model", default=str(ROOT / "models" / "densealign-shapes"))
+    parser.add_argument("--device", default="cpu", help="torch device for sampling and training (cpu, cuda)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     parser.add_argument("--out", default=str(RESULTS / "online.jsonl"))
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give at least 1 cell at a time")
+    if args.device.startswith("cuda"):
+        # cuBLAS needs a fixed workspace for its deterministic kernels (same seed, same numbers)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    cells = list(itertools.product(args.gammas, args.betas, args.ms, args.noises, args.seeds))
+    if args.jobs > 1 and len(cells) > 1:
+        return run_parallel(sys.argv[1:] if argv is None else argv, cells, out, args.jobs)
     with out.open("a") as fh:
-        for gamma in args.gammas:
-            for beta in args.betas:
-                for m in args.ms:
-                    for noise in args.noises:
-                        for seed in args.seeds:
-                            for row in run_cell(args, gamma, beta, m, noise, seed):
-                                fh.write(json.dumps(row) + "\n")
-                            fh.flush()
+        for cell in cells:
+            for row in run_cell(args, *cell):
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
     return 0
 
 
