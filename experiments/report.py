@@ -178,6 +178,120 @@ def ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, den: f
     return "\n".join(lines)
 
 
+def crossing(xs: list[float], ys: list[float], threshold: float) -> float | None:
+    """The first x at which the piecewise-linear curve (xs, ys) reaches `threshold`, or None."""
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
+        if y1 >= threshold > y0:
+            return x0 + (threshold - y0) / (y1 - y0) * (x1 - x0)
+    return None
+
+
+def _resampled_ratio(
+    xs: list[float], a: list[list[float]], b: list[list[float]], idx: list[int], threshold: float
+) -> tuple[float, str]:
+    """curve_ratio's ratio for the seeds at positions `idx` (repeats allowed), and how it was bounded."""
+
+    def curve(c: list[list[float]]) -> list[float]:
+        return [sum(c[i][v] for i in idx) / len(idx) for v in range(len(xs))]
+
+    la, lb = crossing(xs, curve(a), threshold), crossing(xs, curve(b), threshold)
+    if la is not None and lb is not None:
+        return la / lb, "both"
+    if la is not None:
+        return la / xs[-1], "den_unreached"
+    return math.inf, "num_unreached" if lb is not None else "neither"
+
+
+def curve_ratio(
+    rows: list[dict[str, Any]], threshold: float, num: float, den: float, boots: int = 10_000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Labels at which the seed-averaged curve of gamma `num` reaches `threshold`, over gamma `den`'s,
+    with a paired bootstrap over seeds; one dict per (beta, M, noise) that has both gammas.
+
+    Per-seed crossings (ratio_table) are single noisy points; the mean curve over seeds is smoother,
+    and resampling whole seeds (both gammas of a seed together, since they share the initial pool and
+    evaluation noise) gives its spread. Only the seeds both gammas ran, and only the versions every
+    one of those seeds reached, are used, so each curve averages the same seeds at every point.
+
+    A resample where `den` never reaches the threshold enters at its bound (num's labels over the
+    budget: the true ratio is lower); one where `num` never does, or neither does, enters as
+    infinity. So the interval's upper end errs high (a claim "at most x" is safe), its lower end
+    may err high too; the shares of such resamples are returned with it."""
+    import random
+
+    cells: dict[tuple[Any, ...], dict[int, dict[int, dict[str, Any]]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for r in rows:
+        cells[setting(r)][r["seed"]][r["version"]] = r
+    out = []
+    for (gamma, beta, m, noise), a_cells in sorted(cells.items()):
+        b_cells = cells.get((den, beta, m, noise))
+        if gamma != num or not b_cells:
+            continue
+        seeds = sorted(set(a_cells) & set(b_cells))
+        if not seeds:
+            continue
+        versions = 0
+        while all(versions in a_cells[s] and versions in b_cells[s] for s in seeds):
+            versions += 1
+        if versions < 2:
+            continue
+        xs = [mean_se([a_cells[s][v]["labels_used"] for s in seeds])[0] for v in range(versions)]
+        a = [[a_cells[s][v]["train"]["diff_vs_v0"] for v in range(versions)] for s in seeds]
+        b = [[b_cells[s][v]["train"]["diff_vs_v0"] for v in range(versions)] for s in seeds]
+        budget = xs[-1]
+        point, kind = _resampled_ratio(xs, a, b, list(range(len(seeds))), threshold)
+        rng = random.Random(seed)
+        values, kinds = [], defaultdict(int)
+        for _ in range(boots):
+            value, k = _resampled_ratio(xs, a, b, [rng.randrange(len(seeds)) for _ in seeds], threshold)
+            values.append(value)
+            kinds[k] += 1
+        values.sort()
+        out.append(
+            {
+                "beta": beta, "sampled_steps": m, "noise": noise, "seeds": seeds, "budget": budget,
+                "labels_num": crossing(xs, [mean_se(list(col))[0] for col in zip(*a, strict=True)], threshold),
+                "labels_den": crossing(xs, [mean_se(list(col))[0] for col in zip(*b, strict=True)], threshold),
+                "ratio": point, "kind": kind,
+                "low": values[int(0.025 * boots)], "high": values[min(boots - 1, int(0.975 * boots))],
+                "shares": {k: n / boots for k, n in sorted(kinds.items())},
+            }
+        )  # fmt: skip
+    return out
+
+
+def curve_ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, den: float) -> str:
+    def labels(x: float | None, budget: float) -> str:
+        return f"{x:.0f}" if x is not None else f"> {budget:.0f}"
+
+    def value(x: float) -> str:
+        return "unbounded" if math.isinf(x) else f"{x:.2f}"
+
+    lines = [
+        f"| beta | M | noise | seeds | labels to +{threshold}, mean curve: gamma {num} / gamma {den} "
+        "| ratio | 95% bootstrap interval (seeds) | resamples where a curve never reaches it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in curve_ratio(rows, threshold, num, den):
+        ratio = (
+            value(c["ratio"])
+            if c["kind"] == "both"
+            else ("< " if c["kind"] == "den_unreached" else "") + value(c["ratio"])
+        )
+        missed = (
+            ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in c["shares"].items() if k != "both")
+            or "none"
+        )
+        lines.append(
+            f"| {c['beta']} | {c['sampled_steps']} | {c['noise']} | {len(c['seeds'])} "
+            f"| {labels(c['labels_num'], c['budget'])} / {labels(c['labels_den'], c['budget'])} "
+            f"| {ratio} | [{value(c['low'])}, {value(c['high'])}] | {missed} |"
+        )
+    return "\n".join(lines)
+
+
 def threshold_table(rows: list[dict[str, Any]], threshold: float) -> str:
     lines = [
         f"| gamma | beta | M | noise | labels to reach +{threshold} (per seed; - = not within the budget) | seeds reaching |",
@@ -242,12 +356,27 @@ def main(argv: list[str] | None = None) -> int:
         help="compare labels-to-threshold of gamma NUM over gamma DEN (default 0.9 1.0)",
     )
     parser.add_argument("--gammas", nargs="+", type=float, default=None, help="keep only these gammas")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="keep only these seeds")
+    parser.add_argument(
+        "--max-labels",
+        type=int,
+        default=None,
+        help="keep only evaluation points at or below this many labels",
+    )
     args = parser.parse_args(argv)
     # A cell rerun (say with more rounds) repeats its earlier rows exactly; the last copy wins.
     unique: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in (r for path in args.rows for r in load(path)):
         unique[(*setting(r), r["seed"], r["version"])] = r
-    rows = [r for r in unique.values() if args.gammas is None or r["gamma"] in args.gammas]
+    rows = [
+        r
+        for r in unique.values()
+        if (args.gammas is None or r["gamma"] in args.gammas)
+        and (args.seeds is None or r["seed"] in args.seeds)
+        and (args.max_labels is None or r["labels_used"] <= args.max_labels)
+    ]
+    if not rows:
+        parser.error("no rows left: check the files and the --gammas, --seeds and --max-labels filters")
     print(table(rows))
     print()
     print(threshold_table(rows, args.threshold))
@@ -255,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     print(final_table(rows))
     print()
     print(ratio_table(rows, args.threshold, *args.ratio))
+    print()
+    print(curve_ratio_table(rows, args.threshold, *args.ratio))
     if args.plot:
         plot(rows, args.plot)
         print(f"\nplot written to {args.plot}")

@@ -74,3 +74,45 @@ def test_final_table_lines_up_seeds_at_the_last_point() -> None:
     assert lines[0] == "| gamma | beta | M | noise | labels | seed 0 | seed 2 |"
     assert lines[2] == "| 0.9 | 10.0 | 3 | 0.0 | 128 | +0.030 | -0.020 |"
     assert lines[3] == "| 1.0 | 10.0 | 3 | 0.0 | 64 | -0.010 |  |"
+
+
+def test_crossing_interpolates_between_points() -> None:
+    assert report.crossing([0, 64, 128], [0.0, 0.01, 0.03], 0.02) == pytest.approx(96.0)
+    assert report.crossing([0, 64, 128], [0.0, 0.03, 0.01], 0.02) == pytest.approx(64 * 2 / 3)
+    assert report.crossing([0, 64, 128], [0.0, 0.01, 0.015], 0.02) is None
+
+
+def test_curve_ratio_uses_the_mean_curve_and_resamples_seeds_in_pairs() -> None:
+    rows: list[dict[str, Any]] = []
+    for seed, wobble in enumerate([-0.002, 0.0, 0.002]):
+        # gamma 0.9's mean curve reaches +0.01 at 32 labels, gamma 1.0's at 64: ratio 0.5
+        rows += rows_for(0.9, seed, [0.0, 0.02 + wobble, 0.04 + wobble])
+        rows += rows_for(1.0, seed, [0.0, 0.01 + wobble, 0.02 + wobble])
+    (c,) = report.curve_ratio(rows, 0.01, 0.9, 1.0, boots=500)
+    assert c["seeds"] == [0, 1, 2]
+    assert c["labels_num"] == pytest.approx(32.0)
+    assert c["labels_den"] == pytest.approx(64.0)
+    assert (c["ratio"], c["kind"]) == (pytest.approx(0.5), "both")
+    assert c["shares"] == {"both": 1.0}
+    assert c["low"] < 0.5 < c["high"] < 1.0
+    # the same resamples every time
+    assert report.curve_ratio(rows, 0.01, 0.9, 1.0, boots=500) == [c]
+
+
+def test_curve_ratio_bounds_an_unreached_denominator_and_cuts_to_shared_versions() -> None:
+    rows = (
+        rows_for(0.9, 0, [0.0, 0.02, 0.04, 0.06])  # a fourth point gamma 1.0 lacks: not used
+        + rows_for(1.0, 0, [0.0, 0.0, 0.005])
+        + rows_for(0.9, 1, [0.0, 0.02, 0.04])
+        + rows_for(1.0, 1, [0.0, 0.0, 0.005])
+        + rows_for(1.0, 7, [0.0, 0.05, 0.05])  # a seed gamma 0.9 never ran: not used
+    )
+    (c,) = report.curve_ratio(rows, 0.01, 0.9, 1.0, boots=200)
+    assert c["seeds"] == [0, 1]
+    assert c["budget"] == 128
+    assert c["labels_den"] is None
+    assert (c["ratio"], c["kind"]) == (pytest.approx(32 / 128), "den_unreached")
+    assert c["shares"] == {"den_unreached": 1.0}
+    line = report.curve_ratio_table(rows, 0.01, 0.9, 1.0).splitlines()[-1]
+    assert "| 32 / > 128 | < 0.25 |" in line
+    assert line.endswith("| den unreached 100% |")
