@@ -164,7 +164,11 @@ def ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, den: f
             else:
                 shown.append("?")
                 direction.add("?")
-        gm = f"{math.exp(sum(logs) / len(logs)):.2f} ({len(logs)} seeds)" if logs else "-"
+        gm = (
+            f"{math.exp(sum(logs) / len(logs)):.2f} ({len(logs)} seed{'s' * (len(logs) > 1)})"
+            if logs
+            else "-"
+        )
         interval = "-"
         if len(logs) >= 2:
             mu, se = mean_se(logs)
@@ -275,11 +279,15 @@ def curve_ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, 
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in curve_ratio(rows, threshold, num, den):
-        ratio = (
-            value(c["ratio"])
-            if c["kind"] == "both"
-            else ("< " if c["kind"] == "den_unreached" else "") + value(c["ratio"])
-        )
+        a, b, budget = c["labels_num"], c["labels_den"], c["budget"]
+        if a is not None and b is not None:
+            ratio = f"{a / b:.2f}"
+        elif a is not None:
+            ratio = f"< {a / budget:.2f}"
+        elif b is not None:
+            ratio = f"> {budget / b:.2f}"
+        else:
+            ratio = "unknown"
         missed = (
             ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in c["shares"].items() if k != "both")
             or "none"

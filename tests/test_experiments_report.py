@@ -116,3 +116,12 @@ def test_curve_ratio_bounds_an_unreached_denominator_and_cuts_to_shared_versions
     line = report.curve_ratio_table(rows, 0.01, 0.9, 1.0).splitlines()[-1]
     assert "| 32 / > 128 | < 0.25 |" in line
     assert line.endswith("| den unreached 100% |")
+
+
+def test_curve_ratio_table_says_unknown_when_neither_curve_gets_there() -> None:
+    rows = rows_for(0.9, 0, [0.0, 0.001, 0.002]) + rows_for(1.0, 0, [0.0, 0.0, 0.003])
+    line = report.curve_ratio_table(rows, 0.01, 0.9, 1.0).splitlines()[-1]
+    assert "| > 128 / > 128 | unknown | [unbounded, unbounded] | neither 100% |" in line
+    rows = rows_for(0.9, 0, [0.0, 0.0, 0.0]) + rows_for(1.0, 0, [0.0, 0.02, 0.03])
+    line = report.curve_ratio_table(rows, 0.01, 0.9, 1.0).splitlines()[-1]
+    assert "| > 128 / 32 | > 4.00 |" in line
