@@ -124,8 +124,40 @@ def final_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+# Two-sided 95% quantiles of Student's t for 1..20 degrees of freedom.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # fmt: skip
+
+
+def paired_gain_table(rows: list[dict[str, Any]], num: float, den: float) -> str:
+    """Per (beta, M, noise) and version: the training-prompt paired gain of gamma `num` and of gamma
+    `den` over the seeds both reached, and their difference seed by seed with a 95% t-interval."""
+    cells: dict[tuple[Any, ...], dict[tuple[int, int], dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        cells[setting(r)][(r["seed"], r["version"])] = r
+    lines = [
+        f"| beta | M | noise | labels | seeds | gamma {num} | gamma {den} | difference | 95% interval | seeds where {num} is ahead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (gamma, beta, m, noise), a in sorted(cells.items()):
+        b = cells.get((den, beta, m, noise))
+        if gamma != num or not b:
+            continue
+        for version in sorted({v for _, v in a} & {v for _, v in b}):
+            if version == 0:
+                continue
+            keys = sorted(k for k in a.keys() & b.keys() if k[1] == version)
+            xa = [a[k]["train"]["diff_vs_v0"] for k in keys]
+            xb = [b[k]["train"]["diff_vs_v0"] for k in keys]
+            diff = [x - y for x, y in zip(xa, xb, strict=True)]
+            (ma, sa), (mb, sb), (md, sd) = mean_se(xa), mean_se(xb), mean_se(diff)
+            half = T975[min(len(keys) - 1, len(T975)) - 1] * sd if len(keys) > 1 else math.nan
+            labels = mean_se([a[k]["labels_used"] for k in keys])[0]
+            lines.append(
+                f"| {beta} | {m} | {noise} | {labels:.0f} | {len(keys)} | {ma:+.4f} ± {sa:.4f} | {mb:+.4f} ± {sb:.4f} "
+                f"| {md:+.4f} ± {sd:.4f} | [{md - half:+.4f}, {md + half:+.4f}] | {sum(d > 0 for d in diff)}/{len(keys)} |"
+            )
+    return "\n".join(lines)
 
 
 def ratio_table(rows: list[dict[str, Any]], threshold: float, num: float, den: float) -> str:
@@ -392,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     print(final_table(rows))
     print()
     print(ratio_table(rows, args.threshold, *args.ratio))
+    print()
+    print(paired_gain_table(rows, *args.ratio))
     print()
     print(curve_ratio_table(rows, args.threshold, *args.ratio))
     if args.plot:

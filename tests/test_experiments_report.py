@@ -125,3 +125,25 @@ def test_curve_ratio_table_says_unknown_when_neither_curve_gets_there() -> None:
     rows = rows_for(0.9, 0, [0.0, 0.0, 0.0]) + rows_for(1.0, 0, [0.0, 0.02, 0.03])
     line = report.curve_ratio_table(rows, 0.01, 0.9, 1.0).splitlines()[-1]
     assert "| > 128 / 32 | > 4.00 |" in line
+
+
+def test_paired_gain_table_differences_seed_by_seed() -> None:
+    rows = (
+        rows_for(0.9, 0, [0.0, 0.03, 0.05])
+        + rows_for(1.0, 0, [0.0, 0.01, 0.02])
+        + rows_for(0.9, 1, [0.0, 0.01, 0.03])
+        + rows_for(1.0, 1, [0.0, 0.02, 0.02])
+        + rows_for(0.9, 2, [0.0, 0.04])  # seed 2 of gamma 1.0 never ran: left out
+    )
+    lines = report.paired_gain_table(rows, 0.9, 1.0).splitlines()
+    assert len(lines) == 4  # header, rule, 64 and 128 labels
+    at64 = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert at64[3:8] == ["64", "2", "+0.0200 ± 0.0100", "+0.0150 ± 0.0050", "+0.0050 ± 0.0150"]
+    low, high = (float(x) for x in at64[8].strip("[]").split(","))
+    assert (low, high) == (
+        pytest.approx(0.005 - 12.706 * 0.015, abs=1e-4),
+        pytest.approx(0.005 + 12.706 * 0.015, abs=1e-4),
+    )
+    assert at64[9] == "1/2"
+    at128 = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert at128[7] == "+0.0200 ± 0.0100" and at128[9] == "2/2"
