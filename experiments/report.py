@@ -85,12 +85,8 @@ def reach_by_seed(
         out[key] = {}
         for seed, rs in sorted(seeds.items()):
             points = sorted((r["labels_used"], r["train"].get("diff_vs_v0", 0.0)) for r in rs)
-            hit = None
-            for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-                if y1 >= threshold > y0:
-                    hit = x0 + (threshold - y0) / (y1 - y0) * (x1 - x0)
-                    break
-            out[key][seed] = (hit, points[-1][0])
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            out[key][seed] = (crossing(xs, ys, threshold), xs[-1])
     return out
 
 
@@ -222,15 +218,16 @@ def crossing(xs: list[float], ys: list[float], threshold: float) -> float | None
     return None
 
 
+def _mean_curve(curves: list[list[float]], idx: list[int]) -> list[float]:
+    """Point by point, the mean of the curves at positions `idx` (repeats allowed)."""
+    return [sum(curves[i][v] for i in idx) / len(idx) for v in range(len(curves[0]))]
+
+
 def _resampled_ratio(
     xs: list[float], a: list[list[float]], b: list[list[float]], idx: list[int], threshold: float
 ) -> tuple[float, str]:
     """curve_ratio's ratio for the seeds at positions `idx` (repeats allowed), and how it was bounded."""
-
-    def curve(c: list[list[float]]) -> list[float]:
-        return [sum(c[i][v] for i in idx) / len(idx) for v in range(len(xs))]
-
-    la, lb = crossing(xs, curve(a), threshold), crossing(xs, curve(b), threshold)
+    la, lb = crossing(xs, _mean_curve(a, idx), threshold), crossing(xs, _mean_curve(b, idx), threshold)
     if la is not None and lb is not None:
         return la / lb, "both"
     if la is not None:
@@ -277,7 +274,8 @@ def curve_ratio(
         a = [[a_cells[s][v]["train"]["diff_vs_v0"] for v in range(versions)] for s in seeds]
         b = [[b_cells[s][v]["train"]["diff_vs_v0"] for v in range(versions)] for s in seeds]
         budget = xs[-1]
-        point, kind = _resampled_ratio(xs, a, b, list(range(len(seeds))), threshold)
+        everyone = list(range(len(seeds)))
+        point, kind = _resampled_ratio(xs, a, b, everyone, threshold)
         rng = random.Random(seed)
         values, kinds = [], defaultdict(int)
         for _ in range(boots):
@@ -288,8 +286,8 @@ def curve_ratio(
         out.append(
             {
                 "beta": beta, "sampled_steps": m, "noise": noise, "seeds": seeds, "budget": budget,
-                "labels_num": crossing(xs, [mean_se(list(col))[0] for col in zip(*a, strict=True)], threshold),
-                "labels_den": crossing(xs, [mean_se(list(col))[0] for col in zip(*b, strict=True)], threshold),
+                "labels_num": crossing(xs, _mean_curve(a, everyone), threshold),
+                "labels_den": crossing(xs, _mean_curve(b, everyone), threshold),
                 "ratio": point, "kind": kind,
                 "low": values[int(0.025 * boots)], "high": values[min(boots - 1, int(0.975 * boots))],
                 "shares": {k: n / boots for k, n in sorted(kinds.items())},
