@@ -82,7 +82,7 @@ def prepare_database(settings: Any, train: list[str], held_out: list[str]) -> tu
     from core.db import make_engine, make_session_factory
     from core.db.labellers import create_invite, create_labeller
     from core.db.migrate import alembic_config
-    from core.db.policies import publish_policy_version
+    from core.db.policies import ensure_base_version
     from core.db.prompts import add_prompt
 
     config = alembic_config(settings.database_url)
@@ -90,7 +90,7 @@ def prepare_database(settings: Any, train: list[str], held_out: list[str]) -> tu
     command.upgrade(config, "head")
     engine = make_engine(settings.database_url)
     with make_session_factory(engine)() as session, session.begin():
-        publish_policy_version(session=session, version=0)
+        ensure_base_version(session=session, base_model=settings.model.base_model)
         for text in train:
             add_prompt(session=session, text=text, split="train")
         for text in held_out:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "invite": ("app.invite", "print a one-time invite link for a new labeller (--role admin)"),
     "worker": ("worker.main", "serve sampling jobs: sample pairs with the current policy"),
     "trainer": ("trainer.main", "train rounds on new labels and publish policy versions"),
+    "health": ("core.health", "exit 0 when this host's worker or trainer recorded a heartbeat lately"),
     "export": ("trainer.export", "write a published adapter in diffusers or kohya format"),
     "demo": ("app.demo", "run app, worker and trainer on this machine (SQLite, no Redis, CPU)"),
     "label": ("app.label", "a programmatic labeller over the REST API (--preference faithfulness)"),

@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Interface `densealign serve` binds to.")
     port: int = Field(default=8000, gt=0, lt=65536, description="TCP port `densealign serve` listens on.")
 
+    heartbeat_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often each worker and trainer records its state and version in the database (the "
+        "dashboard and `densealign health` read it), in seconds.",
+    )
+
     # -- labelling -----------------------------------------------------------------------------
     lease_seconds: int = Field(
         default=120,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-import time
+import threading
 from typing import Any
 
+from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("densealign.trainer")
@@ -72,6 +74,26 @@ def redis_notifier(redis_url: str) -> Any:
     return notify
 
 
+def install_stop_handlers(stop: threading.Event, graceful: threading.Event) -> None:
+    """SIGTERM/SIGINT set `stop`; before `graceful` is set (model still loading) they exit at once.
+
+    The trainer is PID 1 in its container, where an unhandled SIGTERM is ignored, so without this
+    every `docker compose down` waited out the grace period and then killed it. A second signal
+    always exits at once.
+    """
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stop.is_set() or not graceful.is_set():
+            raise SystemExit(128 + signum)
+        logger.info(
+            "%s: finishing the optimizer step in hand, then checkpointing", signal.Signals(signum).name
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densealign trainer", description="Train rounds as labels arrive.")
     parser.add_argument(
@@ -79,26 +101,69 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    stop, graceful = threading.Event(), threading.Event()
+    install_stop_handlers(stop, graceful)
     try:
         settings = load_settings()
+        from sqlalchemy.exc import OperationalError
+
+        from core.db import make_engine, make_session_factory
+        from core.db.errors import NoCurrentPolicy
         from core.diffusion.models import ModelNotFoundError
         from core.diffusion.policy import AdapterMismatchError
 
+        heartbeat = Heartbeat(
+            sessions=make_session_factory(make_engine(settings.database_url)),
+            role="trainer",
+            period=settings.heartbeat_seconds,
+        ).start()
+        heartbeat.set("starting", f"loading {settings.model.base_model}")
+        heartbeat_version: list[int | None] = [None]  # the last version this process published
+
         def progress(step: int, total: int) -> None:
+            heartbeat.set("training", f"round step {step}/{total}", version=heartbeat_version[0])
             if step == total or step % max(1, total // 10) == 0:
                 logger.info("round progress: step %d/%d", step, total)
 
         try:
             trainer = build_trainer(settings, redis_notifier(settings.redis_url), progress)
         except (ModelNotFoundError, AdapterMismatchError, ValueError) as exc:
+            heartbeat.stop(f"bad settings: {exc}")
             raise SettingsError(str(exc)) from None
+        trainer.should_stop = stop.is_set
     except SettingsError as exc:
         print(f"densealign trainer: {exc}", file=sys.stderr)
         return 2
-    while True:
-        version = trainer.run_once()
-        if args.once:
-            print(f"published version {version}" if version is not None else "not enough decided pairs yet")
-            return 0
-        if version is None:
-            time.sleep(settings.dpo.poll_seconds)
+    graceful.set()
+    waiting = f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
+    try:
+        while not stop.is_set():
+            heartbeat.set("checking", "a round to resume, or enough new labels", version=heartbeat_version[0])
+            try:
+                version = trainer.run_once()
+            except OperationalError as exc:
+                # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
+                # checkpoint), so wait and try again instead of dying.
+                logger.warning("database unavailable, retrying in %.0fs: %s", settings.dpo.poll_seconds, exc)
+                heartbeat.set("waiting", "database unavailable", version=heartbeat_version[0])
+                stop.wait(settings.dpo.poll_seconds)
+                continue
+            except NoCurrentPolicy as exc:
+                logger.warning("%s", exc)
+                heartbeat.set("waiting", str(exc))
+                stop.wait(settings.dpo.poll_seconds)
+                continue
+            if version is not None:
+                heartbeat_version[0] = version
+            if args.once:
+                print(
+                    f"published version {version}" if version is not None else "not enough decided pairs yet"
+                )
+                return 0
+            if version is None and not stop.is_set():
+                heartbeat.set("waiting", waiting, version=heartbeat_version[0])
+                stop.wait(settings.dpo.poll_seconds)
+    finally:
+        heartbeat.stop("exited")
+    logger.info("stopped")
+    return 0

@@ -123,6 +123,8 @@ class Trainer:
     progress: Callable[[int, int], None] | None = None
     # Scores the trained policy before publishing (e.g. a judge on held-out seeds); merged into metrics.
     evaluate: Callable[[Policy], dict[str, Any]] | None = None
+    # Asked after every optimizer step (SIGTERM sets it): checkpoint there and return without publishing.
+    should_stop: Callable[[], bool] | None = None
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels wait; returns the published version."""
@@ -191,7 +193,7 @@ class Trainer:
             pass
         return optimizer
 
-    def _train(self, round_id: int, base_version: int) -> int:
+    def _train(self, round_id: int, base_version: int) -> int | None:
         started = time.perf_counter()
         examples, labels_used = self._load_examples(round_id)
         pairs_used = len(examples)
@@ -220,6 +222,15 @@ class Trainer:
             metrics.add(m, cfg.hp.clip)
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
+            if self.should_stop is not None and self.should_stop() and step + 1 < cfg.steps_per_round:
+                self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
+                logger.info(
+                    "round %d: stopped at step %d/%d; it resumes there",
+                    round_id,
+                    step + 1,
+                    cfg.steps_per_round,
+                )
+                return None
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps_per_round:
                 self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
         summary = metrics.summary() | {

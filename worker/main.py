@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from typing import Any
 
+from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("densealign.worker")
@@ -77,30 +79,67 @@ def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) 
     return thread
 
 
+def heartbeat_worker_class(heartbeat: Heartbeat, sampler: Any) -> type:
+    """RQ's SimpleWorker that tells the heartbeat when it samples and when it waits."""
+    from rq import SimpleWorker
+
+    class HeartbeatWorker(SimpleWorker):
+        def execute_job(self, job: Any, queue: Any) -> Any:
+            prompts = job.args[0] if job.args and isinstance(job.args[0], list) else job.args
+            heartbeat.set("sampling", f"{len(prompts)} pair(s), job {job.id}", version=sampler.loaded_version)
+            try:
+                return super().execute_job(job, queue)
+            finally:
+                heartbeat.set("idle", "waiting for sampling jobs", version=sampler.loaded_version)
+
+    return HeartbeatWorker
+
+
+def _exit_now(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densealign worker", description="Serve sampling jobs from RQ.")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--no-tick", action="store_true", help="do not run the periodic pool refill here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    # Until RQ installs its own handlers (a warm shutdown), SIGTERM stops the model load at once: as
+    # PID 1 in a container the default action would be to ignore it.
+    signal.signal(signal.SIGTERM, _exit_now)
     try:
         settings = load_settings()
         from redis import Redis
-        from rq import Queue, SimpleWorker
+        from rq import Queue
+        from rq.defaults import DEFAULT_WORKER_TTL
 
+        from core.db import make_engine, make_session_factory
+        from core.db.errors import NoCurrentPolicy
         from core.diffusion.models import ModelNotFoundError
         from core.diffusion.policy import AdapterMismatchError
         from core.queue import QUEUE_NAME
 
+        heartbeat = Heartbeat(
+            sessions=make_session_factory(make_engine(settings.database_url)),
+            role="worker",
+            period=settings.heartbeat_seconds,
+        ).start()
+        heartbeat.set("starting", f"loading {settings.model.base_model}")
         try:
             sampler = build_sampler(settings)
-        except (ModelNotFoundError, AdapterMismatchError, ValueError) as exc:
+        except (ModelNotFoundError, AdapterMismatchError, NoCurrentPolicy, ValueError) as exc:
+            heartbeat.stop(f"bad settings: {exc}")
             raise SettingsError(str(exc)) from None
         from worker.sampling import Sampler, install
 
         assert isinstance(sampler, Sampler)
         install(sampler)
-        redis = Redis.from_url(settings.redis_url)
+        # redis-py 8 gives every connection a 5 s socket timeout unless told otherwise, and RQ raises
+        # only the pool's default (for connections made later) before its blocking wait for the next
+        # job; the connection pinged here would keep 5 s, so an idle worker timed out after 5 s and
+        # quit. An explicit timeout above RQ's blocking wait (worker TTL - 15 s) holds for them all.
+        redis = Redis.from_url(settings.redis_url, socket_timeout=DEFAULT_WORKER_TTL)
         redis.ping()
     except SettingsError as exc:
         print(f"densealign worker: {exc}", file=sys.stderr)
@@ -111,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     if not args.no_tick:
         start_refill_tick(settings, redis, stop)
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
+    heartbeat.set("idle", "waiting for sampling jobs", version=sampler.loaded_version)
+    worker_class = heartbeat_worker_class(heartbeat, sampler)
+    worker = worker_class([Queue(QUEUE_NAME, connection=redis)], connection=redis)
     try:
+        # SIGTERM: RQ finishes the job in hand (a warm shutdown), then returns; a second SIGTERM stops
+        # at once. Compose's stop grace is sized to one job at the settings each file ships.
         worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
     finally:
         stop.set()
+        heartbeat.stop("exited")
     return 0

@@ -106,7 +106,9 @@ class PolicyVersionExists(Conflict):
 
 class NoCurrentPolicy(NotFound):
     def __init__(self) -> None:
-        super().__init__("no policy version is current yet; publish version 0 (the base model) first")
+        super().__init__(
+            "no policy version is current yet; run `densealign migrate`, which records version 0 (the base model)"
+        )
 
 
 class PairInvalid(DomainError):

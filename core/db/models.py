@@ -28,6 +28,7 @@ SPLITS = ("train", "eval")
 CHOICES = ("a", "b", "tie", "skip")
 SIDES = ("a", "b")
 ROUND_STATUSES = ("running", "done", "failed")
+PROCESS_ROLES = ("worker", "trainer")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -220,3 +221,31 @@ class TrainingRoundPair(Base):
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), primary_key=True, index=True)
     winner: Mapped[str] = mapped_column(String(1))
     judgements: Mapped[int] = mapped_column(Integer)
+
+
+class ProcessHeartbeat(Base):
+    """The last sign of life of one worker or trainer process: what it is doing, with which version.
+
+    One row per process (role, host, pid), rewritten every few seconds by the process itself; a clean
+    exit stamps `stopped_at`. `densealign health` and the dashboard read it to tell a working process
+    from one that is restarting, stuck or gone.
+    """
+
+    __tablename__ = "process_heartbeats"
+    __table_args__ = (
+        UniqueConstraint("role", "host", "pid"),
+        CheckConstraint(_in("role", PROCESS_ROLES), name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    # A short word ("starting", "idle", "sampling", "waiting", "training", "stopping", "stopped") and a
+    # line saying more ("round 3: step 40/60", "12 of 32 decided pairs").
+    state: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(500), default="")
+    policy_version: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
@@ -42,6 +43,27 @@ def publish_policy_version(
     session.flush()
     if make_current:
         set_current_policy(session=session, version=version)
+    return row
+
+
+def ensure_base_version(*, session: Session, base_model: str) -> PolicyVersion | None:
+    """Record version 0 (the base model, no adapter) and make it current, unless it exists already.
+
+    Idempotent and safe to run from several processes at once (the version number is unique);
+    returns the new row, or None when version 0 was already there.
+    """
+    if session.scalar(select(PolicyVersion.id).where(PolicyVersion.version == 0)) is not None:
+        return None
+    try:
+        with session.begin_nested():
+            row = publish_policy_version(
+                session=session,
+                version=0,
+                metrics={"base_model": base_model},
+                make_current=session.get(CurrentPolicy, 1) is None,
+            )
+    except IntegrityError:  # another process recorded it between the check and the insert
+        return None
     return row
 
 

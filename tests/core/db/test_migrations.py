@@ -24,6 +24,7 @@ TABLES = {
     "leases",
     "pairs",
     "policy_versions",
+    "process_heartbeats",
     "prompts",
     "training_round_pairs",
     "training_rounds",
