@@ -15,6 +15,7 @@ from app.routes.pages import render, session_labeller
 from app.routes.stats import collect_stats
 from app.schemas import IdPath
 from core.db.errors import DomainError
+from core.db.heartbeats import process_statuses
 from core.db.labellers import create_invite, set_labeller_active
 from core.db.models import Labeller
 from core.db.policies import get_current_policy, list_policy_versions, set_current_policy
@@ -34,11 +35,12 @@ def admin_or_redirect(request: Request, session: SessionDep) -> Labeller | Respo
 
 
 @router.get("")
-def dashboard(request: Request, session: SessionDep) -> Response:
+def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     admin = admin_or_redirect(request, session)
     if isinstance(admin, Response):
         return admin
     stats = collect_stats(session)
+    processes = process_statuses(session=session, max_age=heartbeat_max_age(settings.heartbeat_seconds))
     versions = list_policy_versions(session=session)
     current = get_current_policy(session=session).version if versions else None
     metric_names = sorted({name for v in versions for name, value in v.metrics.items() if _is_number(value)})
@@ -57,7 +59,13 @@ def dashboard(request: Request, session: SessionDep) -> Response:
         current=current,
         charts=charts,
         rate_chart=bar_chart(stats.labels_per_hour),
+        processes=processes,
     )
+
+
+def heartbeat_max_age(period: float) -> dt.timedelta:
+    """How long a process may stay silent before the dashboard calls it gone: three missed beats."""
+    return dt.timedelta(seconds=max(30.0, 3 * period))
 
 
 def _is_number(value: object) -> bool:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.main import MissingSecretKey, create_app
+from core.db.heartbeats import beat
 from core.db.labellers import create_invite
-from core.db.models import Judgement, Labeller, Pair, Prompt
+from core.db.models import Judgement, Labeller, Pair, ProcessHeartbeat, Prompt
 from core.db.policies import publish_policy_version
 from core.settings import Settings
 from tests.app.conftest import count
@@ -146,3 +148,52 @@ def test_annotator_cannot_open_admin_pages(client: TestClient, session: Session)
     _accept_invite(client, session)
     assert client.get("/admin").status_code == 403
     assert client.get("/admin/prompts").status_code == 403
+
+
+def test_dashboard_shows_each_process_state_and_silence(client: TestClient, session: Session) -> None:
+    _accept_invite(client, session, name="root", role="admin")
+    assert "No worker or trainer has reported yet" in client.get("/admin").text
+    now = dt.datetime.now(dt.UTC)
+    beat(
+        session=session,
+        role="worker",
+        host="gpu-a",
+        pid=7,
+        state="sampling",
+        detail="8 pair(s), job j1",
+        policy_version=3,
+        started_at=now,
+    )
+    beat(
+        session=session,
+        role="trainer",
+        host="gpu-b",
+        pid=1,
+        state="training",
+        detail="round step 40/60",
+        policy_version=3,
+        started_at=now,
+    )
+    beat(session=session, role="worker", host="gpu-c", pid=9, state="idle", started_at=now, stopped=True)
+    # a worker that went quiet five minutes ago (killed without a goodbye)
+    beat(session=session, role="worker", host="gpu-d", pid=4, state="sampling", started_at=now)
+    session.execute(
+        update(ProcessHeartbeat)
+        .where(ProcessHeartbeat.host == "gpu-d")
+        .values(beat_at=now - dt.timedelta(minutes=5))
+    )
+    session.commit()
+    page = client.get("/admin").text
+    table = page[
+        page.index('<table id="processes">') : page.index("</table>", page.index('<table id="processes">'))
+    ]
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"<tr class=\"\w+\">\s*<td>\w+</td><td>([\w-]+)</td>.*?</tr>", table, re.S)
+    }
+    assert set(rows) == {"gpu-a", "gpu-b", "gpu-c", "gpu-d"}
+    assert "<b>sampling</b>: 8 pair(s), job j1" in rows["gpu-a"] and "<td>3</td>" in rows["gpu-a"]
+    assert "<b>training</b>: round step 40/60" in rows["gpu-b"]
+    assert 'class="gone"' in rows["gpu-c"] and "stopped" in rows["gpu-c"]
+    assert 'class="gone"' in rows["gpu-d"] and "silent</b> (was sampling)" in rows["gpu-d"]
+    assert "300 s ago" in rows["gpu-d"] or "301 s ago" in rows["gpu-d"]
