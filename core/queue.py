@@ -89,6 +89,19 @@ class RqSamplingQueue:
     def depth(self) -> int:
         return int(self.queue.count)
 
+    def requeue_abandoned(self) -> int:
+        """Retry (or fail for good) started jobs whose worker stopped refreshing them; returns how many.
+
+        RQ does this itself only every 10 minutes; the refill tick calls it every few seconds, so the
+        job of a worker killed mid-job goes back to the queue within about a minute (worker.runner).
+        """
+        registry = self.queue.started_job_registry
+        expired = registry.get_expired_job_ids()
+        if expired:
+            registry.cleanup()
+            logger.warning("requeued %d abandoned sampling job(s): %s", len(expired), expired)
+        return len(expired)
+
 
 class ThreadQueue:
     """Jobs run by worker threads of this process (the embedded mode: no Redis, no RQ).

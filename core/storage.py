@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -144,3 +145,28 @@ class LocalBlobStore:
     def local_path(self, key: str) -> Path | None:
         path = self._path(key)
         return path if path.is_file() else None
+
+    def files_under(self, prefix: str) -> Iterator[tuple[str, float, bool]]:
+        """(key, modification time, is a leftover temp file) of every file below `prefix`."""
+        top = self._path(prefix)
+        if not top.is_dir():
+            return
+        for path in top.rglob("*"):
+            if path.is_file():
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                name = path.name
+                yield (
+                    path.relative_to(self.root).as_posix(),
+                    mtime,
+                    name.startswith(".tmp-") and name.endswith(".part"),
+                )
+
+    def delete_file(self, key: str) -> None:
+        """Delete a file by its path below the root, temp files included (keys never start with a dot)."""
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise InvalidBlobKey(key)
+        path.unlink(missing_ok=True)

@@ -109,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from core.db import make_engine, make_session_factory
         from core.db.errors import NoCurrentPolicy
+        from core.db.locks import AdvisoryLock
         from core.diffusion.models import ModelNotFoundError
         from core.diffusion.policy import AdapterMismatchError
+        from trainer.rounds import RoundAlreadyFinished
 
+        engine = make_engine(settings.database_url)
         heartbeat = Heartbeat(
-            sessions=make_session_factory(make_engine(settings.database_url)),
+            sessions=make_session_factory(engine),
             role="trainer",
             period=settings.heartbeat_seconds,
         ).start()
@@ -136,11 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     graceful.set()
     waiting = f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
+    # One trainer per deployment: a second one waits here, ready to take over if the first goes away.
+    lock = AdvisoryLock(engine, "densealign:trainer")
+    standby_logged = False
     try:
         while not stop.is_set():
-            heartbeat.set("checking", "a round to resume, or enough new labels", version=heartbeat_version[0])
             try:
+                if not lock.try_acquire():
+                    if not standby_logged:
+                        logger.info("another trainer holds the trainer lock; standing by")
+                        standby_logged = True
+                    heartbeat.set("standby", "another trainer is running", version=heartbeat_version[0])
+                    stop.wait(settings.dpo.poll_seconds)
+                    continue
+                standby_logged = False
+                heartbeat.set(
+                    "checking", "a round to resume, or enough new labels", version=heartbeat_version[0]
+                )
                 version = trainer.run_once()
+            except RoundAlreadyFinished as exc:
+                logger.warning("%s", exc)
+                continue
             except OperationalError as exc:
                 # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
                 # checkpoint), so wait and try again instead of dying.
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeat.set("waiting", waiting, version=heartbeat_version[0])
                 stop.wait(settings.dpo.poll_seconds)
     finally:
+        lock.release()
         heartbeat.stop("exited")
     logger.info("stopped")
     return 0

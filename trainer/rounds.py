@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db.models import TrainingRound
 from core.db.policies import (
     get_current_policy,
     get_policy_version,
@@ -49,6 +50,11 @@ from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimize
 from core.storage import BlobNotFound, BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
+
+
+class RoundAlreadyFinished(RuntimeError):
+    def __init__(self, round_id: int) -> None:
+        super().__init__(f"training round {round_id} was finished by another trainer; nothing published")
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,11 @@ class Trainer:
         torch.save(optimizer.state_dict(), buf)
         self.blobs.put(f"policies/v{version}/optimizer.pt", buf.getvalue())
         with self.sessions() as session, session.begin():
+            # The round row, locked: if another trainer finished this round meanwhile (a second trainer
+            # that took over while this one had lost its database connection), publish nothing.
+            round_row = session.get(TrainingRound, round_id, with_for_update=True)
+            if round_row is None or round_row.status != "running":
+                raise RoundAlreadyFinished(round_id)
             publish_policy_version(
                 session=session,
                 version=version,

@@ -17,8 +17,10 @@ from typing import Any
 
 from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
+from worker.runner import serve_until_stopped
 
 logger = logging.getLogger("densealign.worker")
+SWEEP_SECONDS = 600.0  # how often a worker looks for blobs of killed jobs
 
 
 def build_sampler(settings: Settings) -> Any:
@@ -50,17 +52,36 @@ def build_sampler(settings: Settings) -> Any:
 
 
 def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) -> threading.Thread:
-    """Top the pool up every `pool.tick_seconds` until `stop` is set."""
+    """Top the pool up every `pool.tick_seconds` until `stop` is set; sweep orphan blobs now and then."""
+    import datetime as dt
+    import time
+
     from core.db import make_engine, make_session_factory
     from core.pool import refill_pool
     from core.queue import RqSamplingQueue
+    from core.storage import LocalBlobStore
+    from core.sweep import sweep_orphans
 
     sessions = make_session_factory(make_engine(settings.database_url))
     queue = RqSamplingQueue(redis, retries=settings.pool.job_retries)
+    store = LocalBlobStore(settings.blob_dir)
+    # Older than any job can run, so a running job's not-yet-inserted blobs are never taken.
+    orphan_age = dt.timedelta(seconds=queue.job_timeout + 600)
+    next_sweep = time.monotonic()
 
     def loop() -> None:
+        nonlocal next_sweep
         while not stop.is_set():
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_SECONDS
+                try:
+                    with sessions() as session:
+                        sweep_orphans(session=session, store=store, older_than=orphan_age)
+                except Exception as exc:
+                    logger.warning("orphan sweep failed: %s", exc)
             try:
+                # first the jobs of workers that died mid-job, so their slots count as busy again
+                queue.requeue_abandoned()
                 with sessions() as session:
                     refill_pool(
                         session=session,
@@ -79,22 +100,6 @@ def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) 
     return thread
 
 
-def heartbeat_worker_class(heartbeat: Heartbeat, sampler: Any) -> type:
-    """RQ's SimpleWorker that tells the heartbeat when it samples and when it waits."""
-    from rq import SimpleWorker
-
-    class HeartbeatWorker(SimpleWorker):
-        def execute_job(self, job: Any, queue: Any) -> Any:
-            prompts = job.args[0] if job.args and isinstance(job.args[0], list) else job.args
-            heartbeat.set("sampling", f"{len(prompts)} pair(s), job {job.id}", version=sampler.loaded_version)
-            try:
-                return super().execute_job(job, queue)
-            finally:
-                heartbeat.set("idle", "waiting for sampling jobs", version=sampler.loaded_version)
-
-    return HeartbeatWorker
-
-
 def _exit_now(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -111,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         from redis import Redis
-        from rq import Queue
         from rq.defaults import DEFAULT_WORKER_TTL
 
         from core.db import make_engine, make_session_factory
@@ -150,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     if not args.no_tick:
         start_refill_tick(settings, redis, stop)
-    heartbeat.set("idle", "waiting for sampling jobs", version=sampler.loaded_version)
-    worker_class = heartbeat_worker_class(heartbeat, sampler)
-    worker = worker_class([Queue(QUEUE_NAME, connection=redis)], connection=redis)
     try:
-        # SIGTERM: RQ finishes the job in hand (a warm shutdown), then returns; a second SIGTERM stops
-        # at once. Compose's stop grace is sized to one job at the settings each file ships.
-        worker.work(burst=args.burst, with_scheduler=True, logging_level="INFO")
+        return serve_until_stopped(
+            redis=redis,
+            queue_names=[QUEUE_NAME],
+            heartbeat=heartbeat,
+            loaded_version=lambda: sampler.loaded_version,
+            burst=args.burst,
+        )
     finally:
         stop.set()
         heartbeat.stop("exited")
-    return 0
