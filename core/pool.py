@@ -7,7 +7,9 @@ queued or running for it. Each prompt has that many job slots, kept in a Redis h
 serialises refills from the app, the workers' ticks and the trainer, so no work is enqueued twice
 beyond the target. Missing pairs are grouped into jobs of up to `pairs_per_job` pairs (slot 0 of
 every prompt first, so one job spreads over prompts): a worker samples a job's pairs in one batched
-pass of the model, which is several times faster than one pair at a time. Postgres stays the truth: after a Redis restart the slots are empty and the
+pass of the model, which is several times faster than one pair at a time. So a single judgement
+does not send a 1-pair job, a partly filled job waits until the missing pairs fill it, unless less
+than half the pool is open or queued. Postgres stays the truth: after a Redis restart the slots are empty and the
 refill simply tops the pool up again.
 """
 
@@ -127,6 +129,13 @@ def _refill(
         wanted.append([(prompt_id, slot) for slot in free[: max(0, deficit)]])
     # Round-robin over prompts, so the first job to finish serves as many prompts as possible.
     order = [item for rank in range(target) for per_prompt in wanted for item in per_prompt[rank : rank + 1]]
+    # Keep jobs full: a judgement frees one slot, and sending a 1-pair job for it would undo the
+    # worker's batching (pairs/s falls ~3x). A short remainder waits for more judgements while at
+    # least half the pool is still open or on its way; below that, annotators come first.
+    full = len(order) - len(order) % pairs_per_job
+    on_hand = target * len(prompts) - len(order)  # open pairs plus pairs already queued
+    if full < len(order) and 2 * on_hand >= target * len(prompts):
+        order = order[:full]
     jobs = 0
     for start in range(0, len(order), pairs_per_job):
         chunk = order[start : start + pairs_per_job]

@@ -127,3 +127,46 @@ def test_a_batched_job_draws_the_same_images_as_one_pair_jobs(loop_settings):
             for x, y in zip(a, b, strict=True):
                 assert x.abs().max() > 0.1
                 torch.testing.assert_close(x, y, atol=8e-3, rtol=0)
+
+
+def test_single_judgements_do_not_send_one_pair_jobs_until_the_pool_runs_low(session, make_pair, redis):
+    """2 prompts x target 4, 4 pairs per job, a full pool: freeing 1-3 pairs enqueues nothing (a job
+    would be part empty), freeing the 4th enqueues one full job; when less than half the pool is open,
+    a short job goes out at once so annotators never wait."""
+    from core.db.prompts import add_prompt
+
+    second = add_prompt(session=session, text="a green triangle")
+    pairs = [make_pair() for _ in range(4)] + [make_pair(prompt_id=second.id) for _ in range(4)]
+    queue = RqSamplingQueue(redis)
+
+    def refill() -> list[list[int]]:
+        before = set(queue.queue.job_ids)
+        refill_pool(
+            session=session, queue=queue, redis=redis, target_per_prompt=4, max_version_lag=2, pairs_per_job=4
+        )
+        return [
+            Job.fetch(j, connection=redis).kwargs["prompt_ids"]
+            for j in queue.queue.job_ids
+            if j not in before
+        ]
+
+    def close(pair):  # as a judgement does
+        pair.judgement_count = pair.required_judgements
+        session.flush()
+
+    assert refill() == []
+    first_prompt = pairs[0].prompt_id
+    for n, pair in enumerate(pairs[:3], start=1):
+        close(pair)
+        assert refill() == [], f"{n} free slot(s) must wait for a full job"
+    close(pairs[3])
+    assert refill() == [[first_prompt] * 4]
+    # the other prompt: 5 of 8 pairs gone leaves 3 open + 4 queued = 7 on hand: wait for the 4th
+    for pair in pairs[4:7]:
+        close(pair)
+    assert refill() == []
+    # the queue is lost (Redis restart): 1 open of 8, below half: the short job goes out now
+    redis.flushdb()
+    assert sorted(map(sorted, refill())) == sorted(
+        [[first_prompt, first_prompt, second.id, second.id], [first_prompt, first_prompt, second.id]]
+    )
