@@ -32,6 +32,7 @@ from core.db.labellers import create_labeller
 from core.db.models import Pair, PolicyVersion, ProcessHeartbeat, TrainingRound
 from core.db.prompts import add_prompt
 from core.settings import Settings
+from tests.app.test_pg_restart import PrivateCluster, private_postgres  # noqa: F401 (a fixture)
 from tests.conftest import scratch_postgres_database, skip_or_fail
 from tests.test_operator_path import SHAPES, Proc, densealign, free_port
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
@@ -319,3 +320,67 @@ def test_two_trainers_publish_one_version_per_round(
     finally:
         for t in trainers:
             t.kill()
+
+
+def test_postgres_restarted_during_a_round_the_round_publishes_once(
+    private_postgres: PrivateCluster,  # noqa: F811 (the fixture imported above)
+    loop_settings: Settings,
+    redis: Any,
+    tmp_path: Path,
+) -> None:
+    settings = loop_settings.model_copy(update={"database_url": private_postgres.url("densealign")})
+    token = seed_database(settings)
+    sampling.install(build_sampler(settings))
+    refill_and_work(settings, redis)
+    label_everything(TestClient(create_app(settings)), token)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "DENSEALIGN_DATABASE_URL": settings.database_url,
+        "DENSEALIGN_REDIS_URL": settings.redis_url,
+        "DENSEALIGN_BLOB_DIR": settings.blob_dir,
+        "DENSEALIGN_HEARTBEAT_SECONDS": "0.5",
+        "DENSEALIGN_MODEL__BASE_MODEL": settings.model.base_model,
+        "DENSEALIGN_MODEL__DEVICE": "cpu",
+        "DENSEALIGN_MODEL__LORA_RANK": str(settings.model.lora_rank),
+        "DENSEALIGN_SAMPLER__NUM_STEPS": str(settings.sampler.num_steps),
+        "DENSEALIGN_DPO__MIN_NEW_PAIRS": str(settings.dpo.min_new_pairs),
+        "DENSEALIGN_DPO__STEPS_PER_ROUND": "8",
+        "DENSEALIGN_DPO__CHECKPOINT_EVERY": "3",
+        "DENSEALIGN_DPO__PAIRS_PER_STEP": "2",
+        "DENSEALIGN_DPO__POLL_SECONDS": "0.5",
+    }
+    db = Db(settings.database_url)
+    trainer = Proc("trainer", ["trainer"], env, tmp_path)
+    try:
+        wait_until(
+            lambda: (b := db.heartbeat("trainer")) and b.state == "training",
+            "the round to start",
+            120,
+            (trainer,),
+        )
+        db.sessions.kw["bind"].dispose()  # type: ignore[union-attr]
+        private_postgres.stop("fast")  # ends every connection, the trainer's lock included
+        # the round's remaining steps need no database; it is still down when the trainer publishes
+        wait_until(
+            lambda: "round progress: step 8/8" in trainer.log(), "the round's last step", 600, (trainer,)
+        )
+        time.sleep(3)
+        private_postgres.start()
+        wait_until(
+            lambda: db.scalar(select(func.max(PolicyVersion.version))) == 1, "version 1", 120, (trainer,)
+        )
+        time.sleep(3)
+        with db.sessions() as session:
+            assert session.scalars(select(PolicyVersion.version).order_by(PolicyVersion.version)).all() == [
+                0,
+                1,
+            ]
+            rounds = session.scalars(select(TrainingRound)).all()
+            assert [(r.status, r.produced_version) for r in rounds] == [("done", 1)]
+        log = trainer.log()
+        assert "database unavailable" in log and "lost the densealign:trainer lock" in log
+        assert trainer.popen.poll() is None, "the trainer must outlive the outage"
+        code, _ = trainer.stop()
+        assert code == 0, trainer.log()
+    finally:
+        trainer.kill()
