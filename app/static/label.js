@@ -112,7 +112,9 @@
     }
   }
 
-  async function judge(choice) {
+  // `choice` is what the API records (the side 'a'/'b' of the pair, 'tie' or 'skip'); `said` is what
+  // the annotator pressed ('left', 'right', 'tie', 'skip'): the status line names that, never a/b.
+  async function judge(choice, said) {
     if (!current || busy) return;
     busy = true;
     const body = {
@@ -127,7 +129,7 @@
       counts.today += 1;
       counts.total += 1;
       renderCounts();
-      status("Saved: " + choice);
+      status("Saved: " + said);
       await advance();
     } catch (e) {
       status(e.message);
@@ -159,9 +161,9 @@
 
   function act(action) {
     if (!current) return;
-    if (action === "left") judge(current.left.side);
-    else if (action === "right") judge(current.right.side);
-    else judge(action); // tie or skip
+    if (action === "left") judge(current.left.side, action);
+    else if (action === "right") judge(current.right.side, action);
+    else judge(action, action); // tie or skip
   }
 
   const KEYS = {

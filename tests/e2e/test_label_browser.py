@@ -1,6 +1,6 @@
 """End to end in a real browser: an invited annotator logs in through the invite link, judges five
-pairs with the keyboard (and undoes one with U), and the five judgements are in Postgres with the
-sides they saw."""
+pairs with the keyboard (and undoes one with U), the status line names the side pressed ("Saved:
+left"), and the five judgements are in Postgres with the sides they saw."""
 
 from __future__ import annotations
 
@@ -112,6 +112,8 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
     base, invite_path, db_url = live_app
     expected: dict[int, tuple[str, str]] = {}  # pair id -> (choice, side shown left)
     keys = ["ArrowLeft", "ArrowRight", "1", "2", "ArrowLeft"]
+    # What the status line says after each key: the side as the annotator saw it, never 'a'/'b'.
+    said = {"ArrowLeft": "Saved: left", "1": "Saved: left", "ArrowRight": "Saved: right", "2": "Saved: right"}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -120,6 +122,7 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
             page.click("#accept")
             page.click("#start")
             pair = page.locator("#pair")
+            status = page.locator("#status")
             expect(pair).to_be_visible(timeout=10_000)
             page.wait_for_function("document.getElementById('left').complete")
             ARTIFACTS.mkdir(exist_ok=True)
@@ -135,6 +138,7 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
                     " || !document.getElementById('empty').hidden",
                     arg=pair_id,
                 )
+                expect(status).to_have_text(said[key])
             expect(page.locator("#empty")).to_be_visible()
             expect(page.locator("#total")).to_have_text("5")
             # U brings the last pair back (same side on the left); judging it again replaces the choice.
@@ -147,6 +151,7 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
             expected[last_id] = ("b" if left == "a" else "a", left)
             page.keyboard.press("ArrowRight")
             expect(page.locator("#empty")).to_be_visible()
+            expect(status).to_have_text("Saved: right")
             expect(page.locator("#total")).to_have_text("5")
             page.screenshot(path=str(ARTIFACTS / "label_page_done.png"))
         finally:
