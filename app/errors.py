@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 
 from core.db.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound
-from core.storage import BlobNotFound, InvalidBlobKey
+from core.storage import BlobCorrupt, BlobNotFound, InvalidBlobKey
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BlobNotFound)
     async def blob_missing(_: Request, exc: BlobNotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(BlobCorrupt)
+    async def blob_corrupt(_: Request, exc: BlobCorrupt) -> JSONResponse:
+        # The server's copy is damaged (not the caller's fault): say which blob, and log it for the operator.
+        log.error("%s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=500)
 
     @app.exception_handler(InvalidBlobKey)
     async def blob_key(_: Request, exc: InvalidBlobKey) -> JSONResponse:

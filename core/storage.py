@@ -73,6 +73,16 @@ def get_verified(store: BlobStore, key: str, sha256: str) -> bytes:
     return data
 
 
+def verify_blob(store: BlobStore, key: str, sha256: str) -> None:
+    """Raise `BlobCorrupt` unless the blob matches `sha256`; reads it in chunks, for blobs served as files."""
+    digest = hashlib.sha256()
+    with store.open(key) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise BlobCorrupt(key, sha256)
+
+
 def validate_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH or not _KEY.fullmatch(key):
         raise InvalidBlobKey(key)

@@ -8,6 +8,7 @@ from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic, VersionPath
 from core.db.errors import BaseHasNoLora
 from core.db.models import PolicyVersion
 from core.db.policies import get_current_policy, get_policy_version, list_policy_versions, set_current_policy
+from core.storage import get_verified, verify_blob
 
 router = APIRouter(prefix="/policies", tags=["policies"])
 
@@ -47,7 +48,10 @@ def set_current(body: CurrentPolicyUpdate, session: SessionDep, _: CurrentAdmin)
 def download_lora(
     version: VersionPath, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller
 ) -> Response:
-    """The version's LoRA in diffusers format; `X-Content-SHA256` carries its sha256 hex digest."""
+    """The version's LoRA in diffusers format; `X-Content-SHA256` carries its sha256 hex digest.
+
+    The file is checked against that digest before it is sent: a corrupt one is refused (500, naming
+    the blob), never served under a digest it does not have."""
     row = get_policy_version(session=session, version=version)
     if row.lora_key is None or row.lora_sha256 is None:
         raise BaseHasNoLora()
@@ -57,5 +61,7 @@ def download_lora(
     }
     path = store.local_path(row.lora_key)
     if path is not None:
+        verify_blob(store, row.lora_key, row.lora_sha256)
         return FileResponse(path, media_type="application/octet-stream", headers=headers)
-    return Response(store.get(row.lora_key), media_type="application/octet-stream", headers=headers)
+    data = get_verified(store, row.lora_key, row.lora_sha256)
+    return Response(data, media_type="application/octet-stream", headers=headers)

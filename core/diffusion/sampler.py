@@ -9,11 +9,15 @@ guidance rescale or callbacks. With the same prompts, seeds and settings the fin
 bit-identical on CPU to the stock call with a `DDIMScheduler` (tested).
 
 A `Trajectory` round-trips through safetensors: latents as float16 (the storage format workers
-write to the blob store), log-probs float32, timesteps int64, everything else as JSON metadata.
+write to the blob store), log-probs float32, timesteps int64, everything else as JSON metadata. The
+metadata also carries a sha256 of the rest of the header and of the tensor bytes, so a flipped byte
+in a stored trajectory is refused when it is read back (`TrajectoryCorrupt`) instead of being trained
+on; files written before the checksum existed are read unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -39,6 +44,12 @@ from core.diffusion.ddim import (
 from core.diffusion.models import Pipeline
 
 FORMAT_VERSION = "1"
+# Metadata key of a trajectory file's own checksum (see `_checksum`).
+CHECKSUM_KEY = "sha256"
+
+
+class TrajectoryCorrupt(ValueError):
+    """A stored trajectory that does not parse, or whose bytes differ from the checksum written into it."""
 
 
 @dataclass(frozen=True)
@@ -192,16 +203,28 @@ class Trajectory:
             "timesteps": self.timesteps.detach().to("cpu", torch.int64).contiguous(),
             "log_probs": self.log_probs.detach().to("cpu", torch.float32).contiguous(),
         }
+        # Adding the checksum to the metadata changes neither the tensors' header entries nor their bytes.
+        metadata[CHECKSUM_KEY] = _checksum(st_save(tensors, metadata=metadata))
         return st_save(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Trajectory:
-        tensors = st_load(data)
-        # safetensors' bytes loader drops metadata, so read the header directly.
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    def from_bytes(cls, data: bytes, *, name: str = "trajectory file") -> Trajectory:
+        """Read `to_bytes` output back; `name` (e.g. the blob key) goes into the errors."""
+        try:
+            tensors = st_load(data)
+            # safetensors' bytes loader drops metadata, so read the header directly.
+            header_len = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        except (SafetensorError, ValueError) as exc:
+            raise TrajectoryCorrupt(f"{name} is corrupt: it does not parse as safetensors ({exc})") from exc
         if metadata.get("format") != "densealign.trajectory":
             raise ValueError("not a DenseAlign trajectory file (missing format metadata)")
+        expected = metadata.get(CHECKSUM_KEY)
+        if expected is not None and _checksum(data) != expected:
+            raise TrajectoryCorrupt(
+                f"{name} is corrupt: its bytes do not match the sha256 {expected} written into it; "
+                "restore the file from a backup (or drop its pair) before training on it"
+            )
         return cls(
             prompt=metadata["prompt"],
             seed=int(metadata["seed"]),
@@ -218,6 +241,16 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def _checksum(data: bytes) -> str:
+    """sha256 of a safetensors file's header (sorted JSON, its own checksum left out) and tensor bytes."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header.get("__metadata__", {}).pop(CHECKSUM_KEY, None)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    digest.update(data[8 + header_len :])
+    return digest.hexdigest()
 
 
 @dataclass
