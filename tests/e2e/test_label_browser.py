@@ -57,7 +57,10 @@ def live_app(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     (base URL, invite path, database URL)."""
     if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
         skip_or_fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        skip_or_fail("the playwright Python package is not installed; `make test` installs it")
     with scratch_postgres_database() as url:
         migrate(url)
         store = LocalBlobStore(tmp_path / "blobs")
