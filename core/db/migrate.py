@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down", action="store_true", help="downgrade to REVISION instead of upgrading")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Alembic's env.py applies alembic.ini's logging (root at WARNING) during the upgrade; without its
+    # own level this module's lines (the revision reached, version 0 recorded) would never show.
+    log.setLevel(logging.INFO)
     settings = get_settings()
     if settings.database_url.startswith("sqlite:///"):
         Path(settings.database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
