@@ -25,6 +25,7 @@ def build_trainer(
 ) -> Any:
 
     from core.db import make_engine, make_session_factory
+    from core.db.sampler_groups import configured_sampler
     from core.diffusion.policy import policy_from_config
     from core.diffusion.training import DpoHyperparameters
     from core.storage import LocalBlobStore
@@ -52,6 +53,8 @@ def build_trainer(
             max_version_lag=d.max_version_lag,
             checkpoint_every=d.checkpoint_every,
             seed=d.seed,
+            # Rounds train on pairs sampled as workers with these settings sample now.
+            sampler=configured_sampler(settings.sampler),
         ),
         on_publish=on_publish,
         progress=progress,

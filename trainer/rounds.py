@@ -19,6 +19,7 @@ import io
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,10 @@ from core.db.policies import (
     latest_version_number,
     publish_policy_version,
 )
+from core.db.sampler_groups import describe_group, trainable_together
 from core.db.training import (
     finish_training_round,
-    fresh_preference_pairs,
+    fresh_pair_groups,
     record_round_pairs,
     round_preference_pairs,
     running_round,
@@ -68,6 +70,9 @@ class RoundConfig:
     max_version_lag: int = 2
     checkpoint_every: int = 20
     seed: int = 0
+    # The sampler record workers write now (`configured_sampler(...)`): a new round trains only on pairs
+    # drawn with settings it accepts; pairs at other settings wait, reported. None = the newest pair's.
+    sampler: dict[str, Any] | None = None
 
 
 @dataclass
@@ -133,23 +138,58 @@ class Trainer:
     should_stop: Callable[[], bool] | None = None
 
     def run_once(self) -> int | None:
-        """Resume a running round, or start one if enough labels wait; returns the published version."""
+        """Resume a running round, or start one if enough labels at the current sampler settings wait;
+        returns the published version (None: nothing to train yet, or stopped mid-round)."""
+        cfg = self.config
         with self.sessions() as session, session.begin():
             round_ = running_round(session=session)
+            if round_ is not None and not self._resumable(session, round_.id):
+                round_ = None
             if round_ is None:
                 current = get_current_policy(session=session).version
-                pairs = fresh_preference_pairs(
-                    session=session, min_version=max(0, current - self.config.max_version_lag)
+                groups = fresh_pair_groups(
+                    session=session, min_version=max(0, current - cfg.max_version_lag), sampler=cfg.sampler
                 )
-                if len(pairs) < self.config.min_new_pairs:
+                if len(groups.usable) < cfg.min_new_pairs:
+                    # Said at every check while pairs at other settings wait, so the log shows why nothing
+                    # trains; otherwise at debug level (an idle trainer checks every few seconds).
+                    level = logging.INFO if groups.other_settings_pairs else logging.DEBUG
+                    logger.log(level, "waiting: %s", groups.explain(cfg.min_new_pairs))
                     return None
-                round_ = start_training_round(session=session, base_version=current)
-                record_round_pairs(session=session, round_id=round_.id, pairs=pairs)
-                logger.info("round %d: %d decided pairs, base version %d", round_.id, len(pairs), current)
-            else:
-                logger.info("resuming round %d", round_.id)
+                assert groups.target is not None  # there are usable pairs
+                round_ = start_training_round(
+                    session=session,
+                    base_version=current,
+                    metrics={
+                        "sampler_settings": groups.target.describe(),
+                        "other_settings_pairs": groups.other_settings_pairs,
+                    },
+                )
+                record_round_pairs(session=session, round_id=round_.id, pairs=groups.usable)
+                logger.info(
+                    "round %d on base version %d: %s", round_.id, current, groups.explain(cfg.min_new_pairs)
+                )
             round_id, base_version = round_.id, round_.base_version
         return self._train(round_id, base_version)
+
+    def _resumable(self, session: Session, round_id: int) -> bool:
+        """A round a stopped trainer left running resumes on its own pairs with their own sampler settings,
+        whatever the settings are now. One that cannot train (pairs of several settings, recorded before
+        rounds kept to one group, or no pairs at all) is failed instead: its pairs return to the pool."""
+        pairs = round_preference_pairs(session=session, round_id=round_id)
+        groups = Counter(p.sampler for p in pairs)
+        if trainable_together(groups):
+            logger.info(
+                "resuming round %d: %d pairs at %s", round_id, len(pairs), describe_group(pairs[0].sampler)
+            )
+            return True
+        found = "; ".join(f"{describe_group(g)}: {n}" for g, n in groups.items()) or "no pairs"
+        reason = f"its pairs cannot train in one round ({found})"
+        logger.warning(
+            "round %d: %s; marked failed, its pairs go back to the pool by settings", round_id, reason
+        )
+        finish_training_round(session=session, round_id=round_id, status="failed", metrics={"failed": reason})
+        return False
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -174,7 +214,11 @@ class Trainer:
             tw, tl = Trajectory.from_bytes(self.blobs.get(wkey)), Trajectory.from_bytes(self.blobs.get(lkey))
             settings = settings or tw.settings
             if tw.settings != settings or tl.settings != settings:
-                raise ValueError("pairs of one training round were sampled with different sampler settings")
+                raise ValueError(
+                    f"pair {wkey} / {lkey} was sampled with {tw.settings} / {tl.settings}, the batch with "
+                    f"{settings}; the blobs disagree with their rows' sampler records, which keep a round "
+                    "to one settings group: check that the blob store belongs to this database"
+                )
             prompts.append(text)
             ws.append(tw.latents)
             ls.append(tl.latents)

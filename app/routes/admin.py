@@ -20,6 +20,8 @@ from core.db.labellers import create_invite, set_labeller_active
 from core.db.models import Labeller
 from core.db.policies import get_current_policy, list_policy_versions, set_current_policy
 from core.db.prompts import add_prompt, import_prompts, list_prompts, update_prompt
+from core.db.sampler_groups import configured_sampler
+from core.db.stats import sampler_backlog
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 CsrfField = Annotated[str | None, Form(alias="csrf")]
@@ -41,6 +43,12 @@ def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> R
         return admin
     stats = collect_stats(session)
     processes = process_statuses(session=session, max_age=heartbeat_max_age(settings.heartbeat_seconds))
+    backlog = sampler_backlog(
+        session=session,
+        sampler=configured_sampler(settings.sampler),
+        max_version_lag=settings.dpo.max_version_lag,
+        min_new_pairs=settings.dpo.min_new_pairs,
+    )
     versions = list_policy_versions(session=session)
     current = get_current_policy(session=session).version if versions else None
     metric_names = sorted({name for v in versions for name, value in v.metrics.items() if _is_number(value)})
@@ -60,6 +68,7 @@ def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> R
         charts=charts,
         rate_chart=bar_chart(stats.labels_per_hour),
         processes=processes,
+        sampler_backlog=backlog,
     )
 
 

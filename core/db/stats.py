@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
+from core.db.errors import NoCurrentPolicy
 from core.db.models import Judgement, Labeller, Lease, Pair, Prompt
+from core.db.policies import get_current_policy
+from core.db.sampler_groups import GroupCount
+from core.db.training import fresh_pair_groups
 
 
 def queue_depth(*, session: Session, now: dt.datetime | None = None) -> int:
@@ -114,3 +120,26 @@ def labeller_stats(*, session: Session) -> list[LabellerStats]:
             )
         )
     return result
+
+
+@dataclass(frozen=True)
+class SamplerBacklog:
+    """Decided pairs no round has used yet, by the sampler settings they were drawn with."""
+
+    groups: list[GroupCount]  # the current settings' group(s) first
+    summary: str  # what the next round would train on, and what waits unused
+
+
+def sampler_backlog(
+    *, session: Session, sampler: Mapping[str, Any], max_version_lag: int, min_new_pairs: int
+) -> SamplerBacklog:
+    """The trainer's view of the waiting pairs (the same freshness rule and grouping as
+    `Trainer.run_once`), for `sampler` = the settings workers sample with now."""
+    try:
+        current = get_current_policy(session=session).version
+    except NoCurrentPolicy:
+        return SamplerBacklog([], "no policy version is current yet")
+    groups = fresh_pair_groups(
+        session=session, min_version=max(0, current - max_version_lag), sampler=sampler
+    )
+    return SamplerBacklog(groups.counts, groups.explain(min_new_pairs))

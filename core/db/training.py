@@ -8,17 +8,18 @@ a tie majority, an a/b draw, or only skips carry no gradient and the pair is lef
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
 
 from core.db.base import utcnow
 from core.db.errors import InvalidInput, NotFound
 from core.db.models import Judgement, Pair, Prompt, TrainingRound, TrainingRoundPair, Trajectory
 from core.db.policies import get_policy_version
+from core.db.sampler_groups import PairGroups, SamplerGroup, pair_group, split_by_sampler
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class PreferencePair:
     winner_trajectory_id: int
     loser_trajectory_id: int
     votes: int  # a/b/tie votes behind the decision
+    # The sampler settings both trajectories were drawn with; None when they disagree (never trained on).
+    sampler: SamplerGroup | None = None
 
 
 def majority(choices: Collection[str]) -> str | None:
@@ -44,41 +47,59 @@ def preference_pairs(
     *,
     session: Session,
     versions: Collection[int] | None = None,
+    min_version: int | None = None,
     complete_only: bool = True,
     after_pair_id: int = 0,
+    unused_only: bool = False,
 ) -> list[PreferencePair]:
-    """Decisive labelled pairs (winner and loser trajectory), oldest first.
+    """Decisive labelled pairs (winner and loser trajectory, their sampler group), oldest first.
 
-    `versions` restricts to pairs sampled by those policy versions (the trainer's freshness rule);
-    `complete_only` keeps pairs that got all their required judgements; `after_pair_id` lets a
-    round read only pairs newer than the last one it used.
+    `versions` / `min_version` restrict to pairs sampled by those policy versions (the trainer's
+    freshness rule); `complete_only` keeps pairs that got all their required judgements;
+    `after_pair_id` lets a round read only pairs newer than the last one it used; `unused_only` leaves
+    out pairs a running or finished round has taken. One query: a row per judgement, with the pair's
+    prompt and both trajectories' sampler records.
     """
+    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
     query = (
         select(
             Pair.id, Pair.policy_version, Pair.required_judgements, Pair.trajectory_a_id, Pair.trajectory_b_id
         )
-        .add_columns(Prompt.text, Judgement.choice)
+        .add_columns(Prompt.text, traj_a.sampler, traj_b.sampler, Judgement.choice)
         .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(traj_a, traj_a.id == Pair.trajectory_a_id)
+        .join(traj_b, traj_b.id == Pair.trajectory_b_id)
         .join(Judgement, Judgement.pair_id == Pair.id)
         .where(Pair.id > after_pair_id)
         .order_by(Pair.id)
     )
     if versions is not None:
         query = query.where(Pair.policy_version.in_(list(versions)))
+    if min_version is not None:
+        query = query.where(Pair.policy_version >= min_version)
+    if unused_only:
+        taken = (
+            select(TrainingRoundPair.pair_id)
+            .join(TrainingRound, TrainingRound.id == TrainingRoundPair.round_id)
+            .where(TrainingRoundPair.pair_id == Pair.id, TrainingRound.status != "failed")
+            .exists()
+        )
+        query = query.where(~taken)
     votes: dict[int, list[str]] = defaultdict(list)
-    info: dict[int, tuple[int, int, int, int, str]] = {}
-    for pair_id, version, required, traj_a, traj_b, text, choice in session.execute(query):
+    info: dict[int, tuple[int, int, int, int, str, SamplerGroup | None]] = {}
+    for pair_id, version, required, a, b, text, sampler_a, sampler_b, choice in session.execute(query):
         votes[pair_id].append(choice)
-        info[pair_id] = (version, required, traj_a, traj_b, text)
+        if pair_id not in info:
+            info[pair_id] = (version, required, a, b, text, pair_group(sampler_a or {}, sampler_b or {}))
     result = []
     for pair_id, choices in votes.items():
-        version, required, traj_a, traj_b, text = info[pair_id]
+        version, required, a, b, text, group = info[pair_id]
         if complete_only and len(choices) < required:
             continue
         decision = majority(choices)
         if decision not in ("a", "b"):
             continue
-        winner, loser = (traj_a, traj_b) if decision == "a" else (traj_b, traj_a)
+        winner, loser = (a, b) if decision == "a" else (b, a)
         result.append(
             PreferencePair(
                 pair_id=pair_id,
@@ -87,6 +108,7 @@ def preference_pairs(
                 winner_trajectory_id=winner,
                 loser_trajectory_id=loser,
                 votes=sum(c != "skip" for c in choices),
+                sampler=group,
             )
         )
     return result
@@ -98,9 +120,14 @@ def trajectory_keys(*, session: Session, trajectory_ids: Collection[int]) -> dic
     return {row.id: row for row in rows}
 
 
-def start_training_round(*, session: Session, base_version: int) -> TrainingRound:
+def start_training_round(
+    *, session: Session, base_version: int, metrics: dict[str, Any] | None = None
+) -> TrainingRound:
+    """Open a round; `metrics` are what is known at its start (finishing adds to them)."""
     get_policy_version(session=session, version=base_version)
-    row = TrainingRound(base_version=base_version, status="running", metrics={}, started_at=utcnow())
+    row = TrainingRound(
+        base_version=base_version, status="running", metrics=dict(metrics or {}), started_at=utcnow()
+    )
     session.add(row)
     session.flush()
     return row
@@ -116,7 +143,8 @@ def finish_training_round(
     judgements_used: int = 0,
     metrics: dict[str, Any] | None = None,
 ) -> TrainingRound:
-    """Close a round as 'done' (with the version it published) or 'failed'."""
+    """Close a round as 'done' (with the version it published) or 'failed'; `metrics` are added to
+    those recorded at its start."""
     row = session.get(TrainingRound, round_id)
     if row is None:
         raise NotFound(f"training round {round_id} does not exist")
@@ -130,25 +158,32 @@ def finish_training_round(
         get_policy_version(session=session, version=produced_version)
     row.status, row.produced_version = status, produced_version
     row.pairs_used, row.judgements_used = pairs_used, judgements_used
-    row.metrics, row.finished_at = metrics or {}, utcnow()
+    row.metrics, row.finished_at = {**(row.metrics or {}), **(metrics or {})}, utcnow()
     session.flush()
     return row
 
 
-def used_pair_ids(*, session: Session) -> set[int]:
-    """Pairs that a finished or running round has trained on (never used again)."""
-    rows = session.scalars(
-        select(TrainingRoundPair.pair_id).join(TrainingRound).where(TrainingRound.status != "failed")
-    )
-    return set(rows)
+def fresh_preference_pairs(
+    *, session: Session, min_version: int, sampler: Mapping[str, Any] | None = None
+) -> list[PreferencePair]:
+    """Complete, decisive pairs from versions >= `min_version` that no round has used yet.
+
+    With `sampler` (a sampler record, e.g. `configured_sampler(...)`), only the pairs drawn with
+    settings it accepts (core/db/sampler_groups.py): the ones that can train together with it.
+    """
+    pairs = preference_pairs(session=session, min_version=min_version, unused_only=True)
+    if sampler is None:
+        return pairs
+    return split_by_sampler(pairs, sampler).usable
 
 
-def fresh_preference_pairs(*, session: Session, min_version: int) -> list[PreferencePair]:
-    """Complete, decisive pairs from versions >= `min_version` that no round has used yet."""
-    latest = session.scalar(select(func.max(Pair.policy_version))) or 0
-    used = used_pair_ids(session=session)
-    pairs = preference_pairs(session=session, versions=range(min_version, latest + 1))
-    return [p for p in pairs if p.pair_id not in used]
+def fresh_pair_groups(
+    *, session: Session, min_version: int, sampler: Mapping[str, Any] | None
+) -> PairGroups[PreferencePair]:
+    """The fresh pairs (as `fresh_preference_pairs`) split by sampler settings: those `sampler`
+    accepts (None: the newest pair's group) and a count for every group, from one query."""
+    pairs = preference_pairs(session=session, min_version=min_version, unused_only=True)
+    return split_by_sampler(pairs, sampler)
 
 
 def running_round(*, session: Session) -> TrainingRound | None:
@@ -171,16 +206,21 @@ def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[Pre
 
 def round_preference_pairs(*, session: Session, round_id: int) -> list[PreferencePair]:
     """The pairs recorded for a round, in a fixed order, as they were decided when it started."""
+    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
     rows = session.execute(
         select(Pair, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.judgements)
+        .add_columns(traj_a.sampler, traj_b.sampler)
         .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(traj_a, traj_a.id == Pair.trajectory_a_id)
+        .join(traj_b, traj_b.id == Pair.trajectory_b_id)
         .where(TrainingRoundPair.round_id == round_id)
         .order_by(Pair.id)
     )
     out = []
-    for pair, text, winner, votes in rows:
+    for pair, text, winner, votes, sampler_a, sampler_b in rows:
         a, b = pair.trajectory_a_id, pair.trajectory_b_id
         w, lo = (a, b) if winner == "a" else (b, a)
-        out.append(PreferencePair(pair.id, text, pair.policy_version, w, lo, votes))
+        group = pair_group(sampler_a or {}, sampler_b or {})
+        out.append(PreferencePair(pair.id, text, pair.policy_version, w, lo, votes, group))
     return out

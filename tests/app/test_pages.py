@@ -16,8 +16,10 @@ from core.db.heartbeats import beat
 from core.db.labellers import create_invite
 from core.db.models import Judgement, Labeller, Pair, ProcessHeartbeat, Prompt
 from core.db.policies import publish_policy_version
+from core.db.sampler_groups import configured_sampler
 from core.settings import Settings
 from tests.app.conftest import count
+from tests.core.db.test_training import decided_pair
 
 INVITE_TTL = __import__("datetime").timedelta(hours=1)
 
@@ -197,3 +199,41 @@ def test_dashboard_shows_each_process_state_and_silence(client: TestClient, sess
     assert 'class="gone"' in rows["gpu-c"] and "stopped" in rows["gpu-c"]
     assert 'class="gone"' in rows["gpu-d"] and "silent</b> (was sampling)" in rows["gpu-d"]
     assert "300 s ago" in rows["gpu-d"] or "301 s ago" in rows["gpu-d"]
+
+
+def test_dashboard_counts_the_decided_pairs_waiting_by_sampler_settings(
+    client: TestClient,
+    session: Session,
+    settings: Settings,
+    policy_version: object,
+    prompt: Prompt,
+    labeller: Labeller,
+) -> None:
+    _accept_invite(client, session, name="root", role="admin")
+    at_50 = "steps 50, guidance 7.5, eta 1.0, native size"  # the app's settings (the defaults)
+    page = client.get("/admin").text
+    assert (
+        f'<p id="sampler-backlog-summary">0 decided pairs at the current settings ({at_50}), need 32</p>'
+        in page
+    )
+    assert 'id="sampler-backlog"' not in page
+    current = configured_sampler(settings.sampler)
+    named = current | {"base_model": "sd-model"}  # workers that record their base model
+    at_20 = current | {"num_steps": 20}  # what a worker at DENSEALIGN_SAMPLER__NUM_STEPS=20 wrote
+    for record in (current, named, at_20, at_20, at_20):
+        decided_pair(session, labeller, prompt, record)
+    session.commit()
+    page = client.get("/admin").text
+    assert (
+        f'<p id="sampler-backlog-summary">2 decided pairs at the current settings ({at_50}, sd-model), '
+        "need 32; 3 more at other settings are not used (steps 20, guidance 7.5, eta 1.0, native size: 3)</p>"
+    ) in page
+    start = page.index('<table id="sampler-backlog">')
+    table = page[start : page.index("</table>", start)]
+    rows = re.findall(r'<tr class="(\w+)">\s*<td>([^<]*)</td><td>(\d+)</td>', table)
+    assert rows == [
+        ("current", at_50, "1"),  # names no base model: trains with either
+        ("current", f"{at_50}, sd-model", "1"),
+        ("other", "steps 20, guidance 7.5, eta 1.0, native size", "3"),
+    ]
+    assert table.count("<b>current</b>") == 2
