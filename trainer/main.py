@@ -141,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"densealign trainer: {exc}", file=sys.stderr)
         return 2
     graceful.set()
-    waiting = f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
     # One trainer per deployment: a second one waits here, ready to take over if the first goes away.
     lock = AdvisoryLock(engine, "densealign:trainer")
     standby_logged = False
@@ -183,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 0
             if version is None and not stop.is_set():
-                heartbeat.set("waiting", waiting, version=heartbeat_version[0])
+                reason = (
+                    trainer.waiting_reason or f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
+                )
+                heartbeat.set("waiting", reason, version=heartbeat_version[0])
                 stop.wait(settings.dpo.poll_seconds)
     finally:
         lock.release()

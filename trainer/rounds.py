@@ -1,8 +1,9 @@
 """A training round: decided pairs in, a new published policy version out, resumable at any point.
 
 1. Pick the pairs: decided pairs (`core.db.training`) from versions at most `max_version_lag` behind
-   the current one, not used by any earlier round. They are recorded with the round, so a resumed
-   round trains on exactly the same pairs and no label is counted twice.
+   the current one, not used by any earlier round, sampled with the current sampler settings (pairs
+   of other settings wait, reported: `core.db.sampler_groups`). They are recorded with the round, so
+   a resumed round trains on exactly the same pairs and no label is counted twice.
 2. Start from the current version's adapter and optimizer state (version 0: the base model).
 3. `steps_per_round` optimizer steps of discounted dense-reward DPO; step k draws its pairs and step
    indices from a generator seeded by (seed, round, k), so a resumed round repeats the same draws.
@@ -136,6 +137,9 @@ class Trainer:
     evaluate: Callable[[Policy], dict[str, Any]] | None = None
     # Asked after every optimizer step (SIGTERM sets it): checkpoint there and return without publishing.
     should_stop: Callable[[], bool] | None = None
+    # Why the last `run_once` trained nothing (e.g. "12 decided pairs at the current settings ..., need
+    # 32"), for the heartbeat and the log.
+    waiting_reason: str = field(default="", init=False)
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels at the current sampler settings wait;
@@ -154,7 +158,8 @@ class Trainer:
                     # Said at every check while pairs at other settings wait, so the log shows why nothing
                     # trains; otherwise at debug level (an idle trainer checks every few seconds).
                     level = logging.INFO if groups.other_settings_pairs else logging.DEBUG
-                    logger.log(level, "waiting: %s", groups.explain(cfg.min_new_pairs))
+                    self.waiting_reason = groups.explain(cfg.min_new_pairs)
+                    logger.log(level, "waiting: %s", self.waiting_reason)
                     return None
                 assert groups.target is not None  # there are usable pairs
                 round_ = start_training_round(
@@ -329,6 +334,8 @@ class Trainer:
             round_row = session.get(TrainingRound, round_id, with_for_update=True)
             if round_row is None or round_row.status != "running":
                 raise RoundAlreadyFinished(round_id)
+            # what the round recorded when it started (its sampler settings, the pairs left waiting)
+            metrics = {**(round_row.metrics or {}), **metrics}
             publish_policy_version(
                 session=session,
                 version=version,

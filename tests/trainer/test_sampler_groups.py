@@ -16,6 +16,7 @@ from sqlalchemy import select
 from app.main import create_app
 from core.db import make_engine, make_session_factory
 from core.db.models import Pair, PolicyVersion, TrainingRound, TrainingRoundPair, Trajectory
+from core.db.policies import get_policy_version
 from core.db.training import preference_pairs, record_round_pairs, start_training_round
 from core.settings import SamplerConfig, Settings
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
@@ -84,6 +85,9 @@ def test_after_a_settings_change_the_trainer_trains_on_the_current_group_and_rep
     assert metrics["other_settings_pairs"] == 4 and metrics["sampler_settings"] == AT_2
     assert metrics["pairs_used"] == 4 and metrics["optimizer_steps"] == 3
     assert len(metrics["abs_logratio_by_step"]) == 2  # trained with the 2-step schedule
+    with make_session_factory(make_engine(at2.database_url))() as session:
+        published = get_policy_version(session=session, version=1).metrics
+    assert published["other_settings_pairs"] == 4 and published["sampler_settings"] == AT_2
     assert (
         f"round 1 on base version 0: 4 decided pairs at the current settings ({AT_2}), enough for a round "
         "(needs 3); 4 more at other settings are not used (steps 3, guidance 7.5, eta 1.0, native size: 4)"
@@ -93,6 +97,7 @@ def test_after_a_settings_change_the_trainer_trains_on_the_current_group_and_rep
     caplog.clear()
     assert trainer.run_once() is None
     assert trainer.run_once() is None
+    assert trainer.waiting_reason.startswith("0 decided pairs at the current settings")
     waiting = (
         f"waiting: 0 decided pairs at the current settings ({AT_2}), need 3; 4 more at other settings are "
         "not used (steps 3, guidance 7.5, eta 1.0, native size: 4)"
