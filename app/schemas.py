@@ -85,6 +85,67 @@ class NextPairPublic(BaseModel):
     message: str | None = None
 
 
+class PromptRefPublic(BaseModel):
+    id: int
+    text: str
+
+
+class SchedulerPublic(BaseModel):
+    class_name: str = Field(description="The diffusers scheduler class, e.g. 'DDIMScheduler'.")
+    config: dict[str, Any] = Field(
+        description="Its config, as `DDIMScheduler.from_config(config)` takes it (x0 clipping off)."
+    )
+
+
+class SamplerRecordPublic(BaseModel):
+    """How a trajectory was drawn, as the worker recorded it; null where an older row lacks a field."""
+
+    num_steps: int | None = Field(default=None, description="DDIM steps (`num_inference_steps`).")
+    guidance_scale: float | None = None
+    eta: float | None = Field(default=None, description="DDIM eta, passed to the pipeline call as `eta`.")
+    height: int | None = Field(default=None, description="Pixels; null = the model's native size.")
+    width: int | None = None
+    negative_prompt: str | None = None
+    base_model: str | None = Field(
+        default=None, description="Hub id or folder the worker loaded (`from_pretrained` argument)."
+    )
+    pipeline: str | None = Field(default=None, description="e.g. 'StableDiffusionPipeline'.")
+    dtype: str | None = Field(default=None, description="The weights' dtype, e.g. 'float32'.")
+    generator_device: str | None = Field(
+        default=None, description="Device of the seeded torch.Generator ('cpu' or 'cuda'): noise differs."
+    )
+    scheduler: SchedulerPublic | None = None
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SamplerRecordPublic:
+        """Pick the known keys of a stored record (older rows hold fewer, or other, keys)."""
+        known = {name: record[name] for name in cls.model_fields if name in record}
+        if not isinstance(known.get("scheduler"), dict):
+            known.pop("scheduler", None)
+        return cls.model_validate(known)
+
+
+class TrajectorySamplingPublic(BaseModel):
+    trajectory_id: int
+    seed: int = Field(description="`torch.Generator(generator_device).manual_seed(seed)`; up to 63 bits.")
+    policy_version: int = Field(description="0 = the base model; later versions add their LoRA.")
+    image_url: str
+    sampler: SamplerRecordPublic
+
+
+class PairPublic(BaseModel):
+    """A pair and its sampling record (admins): enough to redraw both images outside DenseAlign."""
+
+    id: int
+    prompt: PromptRefPublic
+    policy_version: int
+    created_at: dt.datetime
+    required_judgements: int
+    judgement_count: int = Field(description="Judgements stored for the pair so far.")
+    a: TrajectorySamplingPublic
+    b: TrajectorySamplingPublic
+
+
 class JudgementCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pair_id: int = Field(ge=1, le=MAX_ID)

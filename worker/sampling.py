@@ -11,17 +11,23 @@ the blob store. For each `sample_pairs(prompt_ids)` job it:
 4. inserts all the job's trajectories and pairs in one transaction. If anything fails after step 3, the
    blobs it wrote are deleted and the error propagates, so RQ retries the job and no half-written
    pair or row is left behind (a crash between 3 and 4 leaves only unreferenced blobs).
+
+Each trajectory row's `sampler` record is `SamplerSettings.to_dict()` plus what else a stock diffusers
+pipeline needs to draw the same image again (`reproduction_record`): the base model, the pipeline
+class, the dtype, the device of the seeded generators and the scheduler with its config.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from safetensors.torch import load
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db.pairs import create_pair, create_trajectory, required_judgements
 from core.db.policies import get_current_policy
 from core.db.prompts import get_prompt
+from core.diffusion.models import Pipeline
 from core.diffusion.policy import Policy
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
 from core.storage import BlobStore, get_verified
@@ -58,6 +65,13 @@ class Sampler:
     # Where trajectory seeds come from: fresh OS randomness by default; a seeded Random makes a
     # whole run reproducible (experiments).
     seed_source: random.Random | None = None
+    # The base model named in each trajectory's record (a hub id or a folder); None = the one the
+    # pipeline was loaded from (`pipe.name_or_path`, None for the in-code tiny models).
+    base_model: str | None = None
+
+    def sampling_record(self) -> dict[str, Any]:
+        """What every trajectory of a job records as `sampler`: the settings, then how to redraw it."""
+        return self.settings.to_dict() | reproduction_record(self.policy.pipe, base_model=self.base_model)
 
     def sync_policy(self, session: Session) -> int:
         """Make the loaded adapter the current version's; returns that version."""
@@ -103,6 +117,7 @@ class Sampler:
         start = time.perf_counter()
         batch = sample_trajectories(self.policy.pipe, prompts, seeds, self.settings)
         sampled_seconds = time.perf_counter() - start
+        record = self.sampling_record()
         written: list[str] = []
         try:
             keys = []
@@ -128,7 +143,7 @@ class Sampler:
                             image_key=keys[i][1],
                             latents_key=keys[i][0],
                             log_probs_key=keys[i][0],
-                            sampler=self.settings.to_dict(),
+                            sampler=record,
                         )
                         for i in (2 * k, 2 * k + 1)
                     ]
@@ -160,6 +175,29 @@ class Sampler:
             sampled_seconds,
         )
         return pair_ids
+
+
+def reproduction_record(pipe: Pipeline, *, base_model: str | None = None) -> dict[str, Any]:
+    """What a stock diffusers pipeline needs, beyond the settings and the seed, to draw an image again.
+
+    `StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype)` with
+    `scheduler = <class_name>.from_config(config)` and `generator=torch.Generator(generator_device)
+    .manual_seed(seed)` redraws it (plus the policy version's LoRA for versions >= 1). The scheduler
+    is the one the worker samples with (DDIM from the model's schedule with x0 clipping off), not
+    the one the model folder ships.
+    """
+    scheduler = pipe.scheduler
+    return {
+        "base_model": base_model if base_model is not None else pipe.name_or_path,
+        "pipeline": type(pipe).__name__,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "generator_device": pipe.unet.device.type,
+        "scheduler": {
+            "class_name": type(scheduler).__name__,
+            # to_json_string turns numpy/tuple values into plain JSON, as save_pretrained writes them
+            "config": json.loads(scheduler.to_json_string()),
+        },
+    }
 
 
 _CURRENT: Sampler | None = None

@@ -18,7 +18,8 @@ router = APIRouter(tags=["export"])
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "One judgement per line."}},
 )
 def export(session: SessionDep, settings: SettingsDep, _: CurrentAdmin) -> StreamingResponse:
-    """Every judgement as JSON lines: prompt, image URLs, choice, labeller id, policy version."""
+    """Every judgement as JSON lines: prompt, image URLs, choice, labeller id, policy version, and per
+    side the trajectory id, seed and sampler record (settings, scheduler, base model)."""
     base = settings.public_base_url.rstrip("/")
     rows = list(iter_judged_pairs(session=session))  # read now: the session closes after this returns
 

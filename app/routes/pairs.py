@@ -6,11 +6,23 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from app.deps import BlobStoreDep, CurrentLabeller, SessionDep, SettingsDep
-from app.schemas import MAX_ID, IdPath, ImagePublic, NextPairPublic, PairAssignmentPublic, Side
+from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep, SettingsDep
+from app.schemas import (
+    MAX_ID,
+    IdPath,
+    ImagePublic,
+    NextPairPublic,
+    PairAssignmentPublic,
+    PairPublic,
+    PromptRefPublic,
+    SamplerRecordPublic,
+    Side,
+    TrajectorySamplingPublic,
+)
 from core.db.assignment import Assignment, next_pair
 from core.db.errors import InvalidInput
-from core.db.pairs import pair_trajectory
+from core.db.models import Trajectory
+from core.db.pairs import pair_record, pair_trajectory
 
 router = APIRouter(prefix="/pairs", tags=["pairs"])
 EMPTY_POOL = "No pairs are waiting for you right now; new ones appear as the workers sample them."
@@ -66,6 +78,34 @@ def get_next_pair(
     if assignment is None:
         return NextPairPublic(pair=None, message=EMPTY_POOL)
     return NextPairPublic(pair=assignment_public(request, assignment))
+
+
+@router.get("/{pair_id}", response_model=PairPublic)
+def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentAdmin) -> PairPublic:
+    """A pair's sampling record: per side the seed, policy version, sampler settings, scheduler and
+    base model the worker drew it with, enough to redraw the image in a stock diffusers pipeline."""
+    record = pair_record(session=session, pair_id=pair_id)
+    pair = record.pair
+
+    def side(name: str, trajectory: Trajectory) -> TrajectorySamplingPublic:
+        return TrajectorySamplingPublic(
+            trajectory_id=trajectory.id,
+            seed=trajectory.seed,
+            policy_version=trajectory.policy_version,
+            image_url=image_url(request, pair.id, name),
+            sampler=SamplerRecordPublic.from_record(trajectory.sampler or {}),
+        )
+
+    return PairPublic(
+        id=pair.id,
+        prompt=PromptRefPublic(id=record.prompt.id, text=record.prompt.text),
+        policy_version=pair.policy_version,
+        created_at=pair.created_at,
+        required_judgements=pair.required_judgements,
+        judgement_count=pair.judgement_count,
+        a=side("a", record.a),
+        b=side("b", record.b),
+    )
 
 
 @router.get("/{pair_id}/images/{side}", name="pair_image", response_class=Response)

@@ -1,4 +1,9 @@
-"""Judged pairs as flat rows for preference-data tools (one JSON object per judgement)."""
+"""Judged pairs as flat rows for preference-data tools (one JSON object per judgement).
+
+Each row carries, per side a/b, the trajectory id, its seed and its sampler record (the settings, the
+scheduler with its config and the base model, as the worker recorded them: see worker/sampling.py),
+so an exported image can be redrawn with stock diffusers.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from core.db.models import Judgement, Pair, Prompt, Trajectory
 
 
 def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[str, Any]]:
-    """Yield one dict per judgement, ordered by judgement id, with blob keys of both images."""
+    """Yield one dict per judgement, ordered by judgement id, with blob keys, seeds and sampler records
+    of both images."""
     traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
     query = (
         select(
@@ -28,6 +34,12 @@ def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[s
             Prompt.text,
             traj_a.image_key,
             traj_b.image_key,
+            traj_a.id,
+            traj_b.id,
+            traj_a.seed,
+            traj_b.seed,
+            traj_a.sampler,
+            traj_b.sampler,
         )
         .join(Pair, Pair.id == Judgement.pair_id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
@@ -49,4 +61,10 @@ def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[s
             "prompt": row[9],
             "image_a_key": row[10],
             "image_b_key": row[11],
+            "trajectory_a_id": row[12],
+            "trajectory_b_id": row[13],
+            "seed_a": row[14],
+            "seed_b": row[15],
+            "sampler_a": row[16] or {},
+            "sampler_b": row[17] or {},
         }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db.errors import InvalidInput, PairInvalid, PairNotFound
-from core.db.models import Pair, Trajectory
+from core.db.models import Pair, Prompt, Trajectory
 from core.db.policies import get_policy_version
 from core.db.prompts import get_prompt
 
@@ -93,3 +94,20 @@ def pair_trajectory(*, session: Session, pair_id: int, side: str) -> Trajectory:
     trajectory = session.scalar(select(Trajectory).where(Trajectory.id == trajectory_id))
     assert trajectory is not None  # foreign key
     return trajectory
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """A pair with its prompt and both trajectories: everything that says how its images were drawn."""
+
+    pair: Pair
+    prompt: Prompt
+    a: Trajectory
+    b: Trajectory
+
+
+def pair_record(*, session: Session, pair_id: int) -> PairRecord:
+    pair = get_pair(session=session, pair_id=pair_id)
+    a = session.get_one(Trajectory, pair.trajectory_a_id)  # foreign keys: both exist
+    b = session.get_one(Trajectory, pair.trajectory_b_id)
+    return PairRecord(pair, session.get_one(Prompt, pair.prompt_id), a, b)

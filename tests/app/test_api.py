@@ -8,7 +8,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from core.db.models import Judgement, Labeller, Pair, Prompt
+from core.db.models import Judgement, Labeller, Pair, PolicyVersion, Prompt, Trajectory
+from core.db.pairs import create_pair, create_trajectory
 from core.db.policies import publish_policy_version
 from core.storage import LocalBlobStore
 from tests.app.conftest import count
@@ -145,6 +146,103 @@ def test_stats_and_export(
         session.get_one(Prompt, pair.prompt_id).text,
     )
     assert row["image_a_url"] == f"http://testserver/api/v1/pairs/{pair.id}/images/a"
+    a, b = (
+        session.get_one(Trajectory, pair.trajectory_a_id),
+        session.get_one(Trajectory, pair.trajectory_b_id),
+    )
+    assert (row["trajectory_a_id"], row["seed_a"], row["sampler_a"]) == (a.id, a.seed, {"steps": 2})
+    assert (row["trajectory_b_id"], row["seed_b"], row["sampler_b"]) == (b.id, b.seed, {"steps": 2})
+
+
+# What worker/sampling.py records for a trajectory drawn with the shipped model on CPU.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_spacing": "leading",
+}
+WORKER_RECORD = {
+    "num_steps": 20,
+    "guidance_scale": 7.5,
+    "eta": 1.0,
+    "height": 64,
+    "width": 64,
+    "negative_prompt": None,
+    "reduction": "mean",
+    "base_model": "models/densealign-shapes",
+    "pipeline": "StableDiffusionPipeline",
+    "dtype": "float32",
+    "generator_device": "cpu",
+    "scheduler": {"class_name": "DDIMScheduler", "config": SCHEDULER_CONFIG},
+}
+
+
+def test_pair_sampling_record(
+    admin_client: TestClient,
+    annotator: tuple[TestClient, Labeller],
+    policy_version: PolicyVersion,
+    prompt: Prompt,
+    session: Session,
+) -> None:
+    seeds = (2**63 - 1, 7)  # seeds are 63-bit: the largest must come back exactly
+    a, b = (
+        create_trajectory(
+            session=session,
+            prompt_id=prompt.id,
+            policy_version=0,
+            seed=seed,
+            image_key=f"images/{seed}.png",
+            sampler=WORKER_RECORD,
+        )
+        for seed in seeds
+    )
+    pair = create_pair(session=session, trajectory_a_id=a.id, trajectory_b_id=b.id, required=3)
+    session.commit()
+    api, _ = annotator
+    api.get("/api/v1/pairs/next")
+    api.post("/api/v1/judgements", json={"pair_id": pair.id, "choice": "a", "client_key": "record-key-1"})
+
+    body = admin_client.get(f"/api/v1/pairs/{pair.id}").json()
+    assert body["id"] == pair.id and body["prompt"] == {"id": prompt.id, "text": "a red cube on a blue table"}
+    assert (body["policy_version"], body["required_judgements"], body["judgement_count"]) == (0, 3, 1)
+    for side, trajectory, seed in (("a", a, seeds[0]), ("b", b, seeds[1])):
+        got = body[side]
+        assert (got["trajectory_id"], got["seed"], got["policy_version"]) == (trajectory.id, seed, 0)
+        assert got["image_url"] == f"/api/v1/pairs/{pair.id}/images/{side}"
+        assert got["sampler"] == {k: v for k, v in WORKER_RECORD.items() if k != "reduction"}
+
+
+def test_pair_sampling_record_of_an_old_row_and_a_missing_pair(admin_client: TestClient, pair: Pair) -> None:
+    # rows written before the record existed: what they lack is null, what they hold is not guessed at
+    sampler = admin_client.get(f"/api/v1/pairs/{pair.id}").json()["a"]["sampler"]
+    assert sampler == dict.fromkeys(
+        (
+            "num_steps",
+            "guidance_scale",
+            "eta",
+            "height",
+            "width",
+            "negative_prompt",
+            "base_model",
+            "pipeline",
+            "dtype",
+            "generator_device",
+            "scheduler",
+        )
+    )
+    missing = admin_client.get("/api/v1/pairs/999999")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "detail": "pair 999999 does not exist; ask GET /api/v1/pairs/next for a pair to judge"
+    }
+    assert admin_client.get("/api/v1/pairs/0").status_code == 422
 
 
 def test_invite_api_returns_one_time_link(admin_client: TestClient, client: TestClient) -> None:

@@ -77,6 +77,7 @@ EXPECTED: dict[tuple[str, str], dict[str, Outcome]] = {
     ("PATCH", "/api/v1/prompts/{prompt_id}"): admins(200),
     ("DELETE", "/api/v1/prompts/{prompt_id}"): admins(200),
     ("GET", "/api/v1/pairs/next"): labellers(200),
+    ("GET", "/api/v1/pairs/{pair_id}"): admins(200),  # seeds and sampler record: for admins only
     ("GET", "/api/v1/pairs/{pair_id}/images/{side}"): labellers(200),
     ("POST", "/api/v1/judgements"): labellers(201),
     ("DELETE", "/api/v1/judgements/{judgement_id}"): labellers(200),
@@ -267,6 +268,7 @@ BUILDERS: dict[tuple[str, str], Callable[[World, Caller], Request]] = {
         "DELETE", f"/api/v1/prompts/{w.prompt.id}", c
     ),
     ("GET", "/api/v1/pairs/next"): lambda w, c: _api("GET", "/api/v1/pairs/next", c),
+    ("GET", "/api/v1/pairs/{pair_id}"): lambda w, c: _api("GET", f"/api/v1/pairs/{w.pair.id}", c),
     ("GET", "/api/v1/pairs/{pair_id}/images/{side}"): lambda w, c: _api(
         "GET", f"/api/v1/pairs/{w.pair.id}/images/a", c
     ),

@@ -83,14 +83,14 @@ def fuzz(
 
 
 def test_anonymous(api_schema: schemathesis.BaseSchema) -> None:
-    assert fuzz(api_schema, {}, lambda case: False) == 20
+    assert fuzz(api_schema, {}, lambda case: False) == 21
 
 
 def test_admin(api_schema: schemathesis.BaseSchema, admin_with_token: tuple[Labeller, str]) -> None:
     admin, token = admin_with_token
     assert (
         fuzz(api_schema, {"Authorization": f"Bearer {token}"}, lambda case: not _keeps_admin(case, admin))
-        == 20
+        == 21
     )
 
 
