@@ -8,6 +8,12 @@
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #
 # The CUDA version of BASE_IMAGE and of TORCH_INDEX_URL (cuXYZ) must agree; change both together.
+#
+# Behind a private index or proxy: --build-arg PIP_INDEX_URL=https://pypi.example/simple (and
+# PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST) for every package but torch, whose index is TORCH_INDEX_URL.
+# Unset or empty, pip behaves as it does without them (PyPI, or what a pip.conf in the base image
+# says): pip ignores a PIP_* variable whose value is empty. A credential in these URLs stays in the
+# image's history (`docker history`); prefer a proxy that needs none.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 # --- base: Python 3.11 and an empty virtual environment ------------------------------------------
@@ -35,8 +41,12 @@ ENV VIRTUAL_ENV=/opt/venv \
 # --- deps: torch first and pinned, then the rest of the project's pinned dependencies -------------
 FROM base AS deps
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-# Only the torch wheel comes from the PyTorch index; torchvision is never installed (nothing needs it).
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_TRUSTED_HOST=
+# Only the torch wheel comes from the PyTorch index (no extra index here, so no other build of
+# torch can win); torchvision is never installed (nothing needs it).
+RUN PIP_EXTRA_INDEX_URL= pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 # Dependencies change less often than the code: install them from pyproject.toml alone so that a code
 # change does not re-download them. The constraint keeps the torch build installed above.
 COPY pyproject.toml /tmp/pyproject.toml
@@ -52,8 +62,12 @@ ARG HF_HUB_OFFLINE=0
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY . /app
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_TRUSTED_HOST=
 # Editable install: `densealign migrate` reads alembic.ini and migrations/ from this checkout (/app),
-# and the shipped base model lives in /app/models.
+# and the shipped base model lives in /app/models. Its build backend (setuptools) comes from the
+# index, so the index arguments apply here too.
 RUN set -eux; \
     pip install --no-deps -e /app; \
     python -c "import torch, diffusers, core.cli; print('torch', torch.__version__)"; \
@@ -71,7 +85,8 @@ ENV DENSEALIGN_HOST=0.0.0.0 \
 # ownership of the directory here (densealign), so the non-root user can write to it.
 USER densealign
 EXPOSE 8000
-# The app's health (worker and trainer serve no HTTP: compose turns this off for them).
+# The app's health. Worker and trainer serve no HTTP: compose gives them `densealign health --role ...`
+# (a recent heartbeat in the database) instead, and turns this off for the one-shot migrate.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/api/v1/health' % os.environ.get('DENSEALIGN_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["densealign"]

@@ -4,7 +4,11 @@ docker-compose.yml and its merge with docker-compose.cpu.yml are validated again
 specification (check-jsonschema's vendored `vendor.compose-spec`, offline) and cross-checked: the
 services the design names, depends_on targets, declared volumes, migrate gating the long-running
 services, GPU reservations (present in the base, gone in the CPU merge), a scalable worker, and
-every DENSEALIGN_* name being a setting that core/settings.py actually reads. `.env.example` must
+every DENSEALIGN_* name being a setting that core/settings.py actually reads. What an operator's
+first `up` relies on is pinned too: worker and trainer report health through `densealign health`,
+stop grace periods cover one job (or one optimizer step) at the settings each file ships, the CPU
+override runs at the demo's pace for every DenseAlign service, invite links follow APP_PORT, Redis
+leaves no anonymous volume behind, and the package index is a build argument. `.env.example` must
 document every setting, with defaults that parse back to the real defaults. The Dockerfile must pin
 torch==2.13.0 and never install torchvision.
 """
@@ -187,6 +191,35 @@ def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
 
+_DEFAULTED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?)([-?])((?:[^{}]|\$\{[^{}]*\})*)\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's `${NAME:-default}`, `${NAME:?error}` (and the forms without `:`, nested defaults
+    included) against `env`, the variables of .env and the shell."""
+    env = env or {}
+
+    def one(m: re.Match[str]) -> str:
+        name, colon, kind, default = m.groups()
+        if name in env and (env[name] != "" or not colon):
+            return env[name]
+        if kind == "?":
+            raise ValueError(f"compose refuses to start: {name}: {default}")
+        return interpolate(default, env)
+
+    out = _DEFAULTED.sub(one, value)
+    assert "${" not in out, f"unsupported interpolation in {value!r}"
+    return out
+
+
+def seconds(duration: str) -> float:
+    """A compose duration ("1m30s", "5m", "300ms") in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # The helpers themselves
 # --------------------------------------------------------------------------------------------------
@@ -311,11 +344,37 @@ def test_health_checks_and_restart_policies(config: dict[str, Any]) -> None:
     assert app["healthcheck"].get("disable") is not True
     assert [p.rsplit(":", 1)[1] for p in app["ports"]] == ["8000"]
     assert service_env(app)["DENSEALIGN_PORT"] == "8000"
-    # Worker and trainer serve no HTTP: the image's app HEALTHCHECK must not mark them unhealthy.
-    for name in ("migrate", *GPU_SERVICES):
-        assert services[name]["healthcheck"] == {"disable": True}
+    # The one-shot migration serves no HTTP: the image's app HEALTHCHECK must not mark it unhealthy.
+    assert services["migrate"]["healthcheck"] == {"disable": True}
     for name in ("db", "redis", *LONG_RUNNING):
         assert services[name]["restart"] == "unless-stopped", name
+
+
+def test_worker_and_trainer_report_health_by_heartbeat(config: dict[str, Any]) -> None:
+    from core.cli import COMMANDS
+    from core.db.models import PROCESS_ROLES
+
+    assert COMMANDS["health"][0] == "core.health"
+    services = config["services"]
+    for role in GPU_SERVICES:
+        check = services[role]["healthcheck"]
+        assert role in PROCESS_ROLES
+        # Default --max-age (60 s): a process that stopped beating for a minute is unhealthy.
+        assert check["test"] == ["CMD", "densealign", "health", "--role", role], role
+        assert "disable" not in check, role
+        assert set(check) >= {"interval", "timeout", "retries", "start_period"}, role
+        # Each probe starts a Python process: not too often, with time to import on a busy host.
+        assert seconds(check["interval"]) >= 15 and seconds(check["timeout"]) >= 10, role
+        assert seconds(check["timeout"]) < seconds(check["interval"]), role
+    # Health is a heartbeat at most 60 s old; the default period leaves several beats of slack.
+    assert Settings().heartbeat_seconds * 3 <= 60
+
+
+def test_worker_start_period_covers_loading_the_model() -> None:
+    base, cpu = base_config()["services"], cpu_config()["services"]
+    # SD 1.5's first download into the hf-cache volume; the shipped CPU model loads in seconds.
+    assert seconds(base["worker"]["healthcheck"]["start_period"]) >= 180
+    assert seconds(cpu["worker"]["healthcheck"]["start_period"]) >= 30
 
 
 def test_gpu_reservations_in_base_and_none_on_cpu() -> None:
@@ -496,3 +555,192 @@ def test_dockerfile_defaults_to_cuda_runtime_and_runs_as_a_user() -> None:
     assert "HF_HOME=/cache/huggingface" in env and "HF_HUB_OFFLINE=${HF_HUB_OFFLINE}" in env
     cmd = json.loads(next(a for w, a in instructions if w == "CMD"))
     assert cmd == ["serve"]
+
+
+# --------------------------------------------------------------------------------------------------
+# What an operator's first `up` relies on
+# --------------------------------------------------------------------------------------------------
+
+BENCH_SD15 = ROOT / "bench" / "results" / "core-h100-sd15-fp16.json"
+# The bench measured SD 1.5 in float16 on an H100; the shipped dtype is float32 (TF32 convolutions
+# only), and an A100 is slower still. Conservative factors for one job at the shipped settings:
+FP32_SLOWDOWN = 4.0
+A100_SLOWDOWN = 2.0
+# Measured: the worker container of the CPU override (2 pairs of the shipped model, 20 DDIM steps with
+# guidance, one torch thread) on the project's 2-core host at a load of about 8, while the trainer
+# trained next to it, took at most this long per job (README "Operating it").
+CPU_JOB_PAIRS = 2
+CPU_JOB_SECONDS = 12.0
+# `densealign demo`'s pace (app/demo.py build_settings and its argparse defaults), which the CPU
+# override ships for every DenseAlign service.
+DEMO_PACE: dict[str, Any] = {
+    "model.base_model": SHIPPED_MODEL,
+    "model.device": "cpu",
+    "model.lora_rank": 4,
+    "sampler.num_steps": 20,
+    "sampler.guidance_scale": 7.5,
+    "pool.target_per_prompt": 2,
+    "pool.tick_seconds": 5.0,
+    "pool.pairs_per_job": CPU_JOB_PAIRS,
+    "dpo.min_new_pairs": 48,
+    "dpo.steps_per_round": 60,
+    "dpo.lr": 1e-3,
+    "dpo.clip": 1e-2,
+    "dpo.beta": 3.0,
+    "dpo.checkpoint_every": 10,
+    "dpo.poll_seconds": 2.0,
+}
+
+
+SECRETS = {"POSTGRES_PASSWORD": "pw", "DENSEALIGN_SECRET_KEY": "k" * 32}
+
+
+def settings_of(
+    service: dict[str, Any], monkeypatch: pytest.MonkeyPatch, dot_env: dict[str, str]
+) -> Settings:
+    """The Settings a service's container reads, with `dot_env` (plus the two required secrets) as the
+    .env file, which compose reads both to interpolate and as the env_file."""
+    dot_env = SECRETS | dot_env
+    for name in list(os.environ):
+        if name.startswith("DENSEALIGN_"):
+            monkeypatch.delenv(name)
+    for name, value in dot_env.items():
+        monkeypatch.setenv(name, value)
+    for name, value in service_env(service).items():
+        monkeypatch.setenv(name, interpolate(value, dot_env))
+    return Settings()
+
+
+def field(settings: Settings, dotted: str) -> Any:
+    node: Any = settings.model_dump(mode="json")
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def test_interpolate_follows_compose() -> None:
+    assert interpolate("${A:-x}") == "x"
+    assert interpolate("${A:-x}", {"A": ""}) == "x"
+    assert interpolate("${A-x}", {"A": ""}) == ""
+    assert interpolate("a${A:-${B:-b}}c", {"B": "2"}) == "a2c"
+    assert interpolate("${A:?set A}", {"A": "1"}) == "1"
+    with pytest.raises(ValueError, match="set A"):
+        interpolate("${A:?set A}", {"A": ""})
+    assert seconds("1m30s") == 90 and seconds("5m") == 300 and seconds("15s") == 15
+
+
+def test_cpu_override_runs_every_service_at_the_demo_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = cpu_config()["services"]
+    envs = [service_env(services[name]) for name in DENSEALIGN_SERVICES]
+    # migrate records version 0 for the configured base model, the app tops the pool up: the same
+    # settings everywhere, not only in worker and trainer.
+    cpu_names = set(load(CPU)["x-cpu-settings"])
+    for env in envs:
+        assert {k: env[k] for k in cpu_names} == {k: envs[0][k] for k in cpu_names}
+    for name in DENSEALIGN_SERVICES:
+        settings = settings_of(services[name], monkeypatch, {})
+        assert {key: field(settings, key) for key in DEMO_PACE} == DEMO_PACE, name
+        assert field(settings, "model.dtype") == "float32"
+    # The pace is a default that .env overrides; the model is fixed by the override.
+    worker = settings_of(
+        services["worker"],
+        monkeypatch,
+        {"DENSEALIGN_SAMPLER__NUM_STEPS": "30", "DENSEALIGN_MODEL__BASE_MODEL": "some/hub-model"},
+    )
+    assert worker.sampler.num_steps == 30
+    assert worker.model.base_model == SHIPPED_MODEL
+
+
+def test_cpu_override_gives_torch_one_thread_per_process() -> None:
+    # Worker and trainer share the cores; with more busy threads than cores a 2-pair job went from 4 s
+    # (1 thread) to 66 s (2 threads) on the 2-core host. .env may raise it.
+    services = cpu_config()["services"]
+    for name in GPU_SERVICES:
+        threads = service_env(services[name])["OMP_NUM_THREADS"]
+        assert interpolate(threads) == "1" and interpolate(threads, {"OMP_NUM_THREADS": "8"}) == "8"
+
+
+def test_worker_grace_outlasts_one_gpu_job_at_the_shipped_settings() -> None:
+    defaults = Settings()
+    bench = json.loads(BENCH_SD15.read_text())
+    assert bench["model"] == "sd15-random" and bench["dtype"] == "float16"
+    assert defaults.model.dtype == "float32" and defaults.sampler.guidance_scale > 1  # as estimated
+    per_image = bench["sampling"]["capture_s"] / bench["settings"]["batch"]
+    per_image *= defaults.sampler.num_steps / bench["settings"]["steps"]
+    job = per_image * 2 * defaults.pool.pairs_per_job * FP32_SLOWDOWN * A100_SLOWDOWN
+    grace = seconds(base_config()["services"]["worker"]["stop_grace_period"])
+    assert grace >= 2 * job, f"stop grace {grace:.0f}s < twice one job ({job:.0f}s)"
+    assert grace <= 10 * 60, "a stuck job should not hold `down` for more than minutes"
+
+
+def test_cpu_worker_grace_outlasts_one_cpu_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = cpu_config()["services"]["worker"]
+    settings = settings_of(worker, monkeypatch, {})
+    assert settings.pool.pairs_per_job == CPU_JOB_PAIRS  # the job that was measured
+    grace = seconds(worker["stop_grace_period"])
+    assert 2 * CPU_JOB_SECONDS <= grace < seconds(base_config()["services"]["worker"]["stop_grace_period"])
+
+
+def test_trainer_grace_covers_one_step_and_a_checkpoint() -> None:
+    # The trainer finishes the optimizer step in hand on SIGTERM, checkpoints and exits (seconds).
+    base = seconds(base_config()["services"]["trainer"]["stop_grace_period"])
+    cpu = seconds(cpu_config()["services"]["trainer"]["stop_grace_period"])
+    assert 20 <= base <= 60
+    assert 10 <= cpu <= base
+
+
+def test_invite_links_follow_the_app_port(config: dict[str, Any]) -> None:
+    services = config["services"]
+    host_port = services["app"]["ports"][0].rsplit(":", 1)[0]
+    assert interpolate(host_port, {"APP_PORT": "8301"}) == "8301"
+    for name in DENSEALIGN_SERVICES:
+        url = service_env(services[name])["DENSEALIGN_PUBLIC_BASE_URL"]
+        assert interpolate(url) == "http://localhost:8000", name
+        assert interpolate(url, {"APP_PORT": "8301"}) == "http://localhost:8301", name
+        public = {"APP_PORT": "8301", "DENSEALIGN_PUBLIC_BASE_URL": "https://label.example.org"}
+        assert interpolate(url, public) == "https://label.example.org", name
+
+
+def test_redis_leaves_no_anonymous_volume(config: dict[str, Any]) -> None:
+    # The redis image declares VOLUME /data: unless something is mounted there, Docker makes a new
+    # anonymous volume for every container. Nothing is persisted (no RDB, no AOF), so a tmpfs.
+    redis = config["services"]["redis"]
+    mounted = set(redis.get("tmpfs", []))
+    for mount in redis.get("volumes", []):
+        mounted.add(mount.split(":")[1] if isinstance(mount, str) else mount["target"])
+    assert "/data" in mounted
+    assert redis["command"][redis["command"].index("--save") + 1] == ""
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "no"
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for word, args in dockerfile_instructions():
+        if word == "FROM":
+            current = stages.setdefault(args.split()[-1], [])
+        current.append((word, args))
+    return stages
+
+
+def test_package_index_is_a_build_argument(config: dict[str, Any]) -> None:
+    index_args = {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"}
+    stages = dockerfile_stages()
+    # deps installs the dependencies; runtime's editable install fetches its build backend.
+    for stage in ("deps", "runtime"):
+        declared = {a.split("=")[0] for w, a in stages[stage] if w == "ARG"}
+        assert index_args <= declared, stage
+    # torch comes from TORCH_INDEX_URL alone: no extra index may offer another build of it.
+    torch_run = next(a for w, a in stages["deps"] if w == "RUN" and TORCH_PIN in a)
+    assert torch_run.startswith("PIP_EXTRA_INDEX_URL= pip install --index-url")
+    for name in DENSEALIGN_SERVICES:
+        args = config["services"][name]["build"]["args"]
+        for arg in index_args:
+            assert interpolate(args[arg]) == "", f"{name}: {arg} must default to empty (PyPI)"
+            assert (
+                interpolate(args[arg], {arg: "https://pypi.example/simple"}) == "https://pypi.example/simple"
+            )
+    # Nothing depends on the development sandbox.
+    for path in (DOCKERFILE, BASE, CPU, ENV_EXAMPLE):
+        text = path.read_text()
+        assert "compose-sandbox" not in text and "8765" not in text, path.name
