@@ -223,7 +223,7 @@ class Trajectory:
         if expected is not None and _checksum(data) != expected:
             raise TrajectoryCorrupt(
                 f"{name} is corrupt: its bytes do not match the sha256 {expected} written into it; "
-                "restore the file from a backup (or drop its pair) before training on it"
+                "restore the file from a backup: no round can train on its pair until then"
             )
         return cls(
             prompt=metadata["prompt"],
