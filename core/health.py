@@ -3,7 +3,8 @@
 Alive means it recorded a heartbeat (core/heartbeat.py) within `--max-age` seconds and has not
 exited. By default only processes on this host (the container's hostname under compose) count, so
 a container's healthcheck speaks for the process inside it; `--any-host` asks about the deployment.
-Exit codes: 0 alive, 1 not alive (one line says what was seen), 2 cannot tell (database unreachable).
+Exit codes: 0 alive; 1 not alive, or the database cannot be read (one line says which): Docker
+reserves 2 for itself, and either way the process cannot be vouched for.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # the database is down or unmigrated: we cannot tell
         print(f"densealign health: cannot read heartbeats: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 2
+        return 1
     where_text = "any host" if host is None else f"host {host}"
     alive = [row for row in rows if row.alive]
     if alive:

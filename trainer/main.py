@@ -124,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             period=settings.heartbeat_seconds,
         ).start()
         heartbeat.set("starting", f"loading {settings.model.base_model}")
-        heartbeat_version: list[int | None] = [None]  # the last version this process published
 
         def progress(step: int, total: int) -> None:
-            heartbeat.set("training", f"round step {step}/{total}", version=heartbeat_version[0])
+            heartbeat.set("training", f"round step {step}/{total}", version=trainer.current_version)
             if step == total or step % max(1, total // 10) == 0:
                 logger.info("round progress: step %d/%d", step, total)
 
@@ -151,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                     if not standby_logged:
                         logger.info("another trainer holds the trainer lock; standing by")
                         standby_logged = True
-                    heartbeat.set("standby", "another trainer is running", version=heartbeat_version[0])
+                    heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
                     stop.wait(settings.dpo.poll_seconds)
                     continue
                 standby_logged = False
                 heartbeat.set(
-                    "checking", "a round to resume, or enough new labels", version=heartbeat_version[0]
+                    "checking", "a round to resume, or enough new labels", version=trainer.current_version
                 )
                 version = trainer.run_once()
             except RoundAlreadyFinished as exc:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
                 # checkpoint), so wait and try again instead of dying.
                 logger.warning("database unavailable, retrying in %.0fs: %s", settings.dpo.poll_seconds, exc)
-                heartbeat.set("waiting", "database unavailable", version=heartbeat_version[0])
+                heartbeat.set("waiting", "database unavailable", version=trainer.current_version)
                 stop.wait(settings.dpo.poll_seconds)
                 continue
             except NoCurrentPolicy as exc:
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop.wait(settings.dpo.poll_seconds)
                 continue
             if version is not None:
-                heartbeat_version[0] = version
+                trainer.current_version = version
             if args.once:
                 print(
                     f"published version {version}" if version is not None else "not enough decided pairs yet"
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 reason = (
                     trainer.waiting_reason or f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
                 )
-                heartbeat.set("waiting", reason, version=heartbeat_version[0])
+                heartbeat.set("waiting", reason, version=trainer.current_version)
                 stop.wait(settings.dpo.poll_seconds)
     finally:
         lock.release()

@@ -140,6 +140,8 @@ class Trainer:
     # Why the last `run_once` trained nothing (e.g. "12 decided pairs at the current settings ..., need
     # 32"), for the heartbeat and the log.
     waiting_reason: str = field(default="", init=False)
+    # The version workers sample with, as the last `run_once` read it (for the heartbeat).
+    current_version: int | None = field(default=None, init=False)
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels at the current sampler settings wait;
@@ -150,7 +152,7 @@ class Trainer:
             if round_ is not None and not self._resumable(session, round_.id):
                 round_ = None
             if round_ is None:
-                current = get_current_policy(session=session).version
+                current = self.current_version = get_current_policy(session=session).version
                 groups = fresh_pair_groups(
                     session=session, min_version=max(0, current - cfg.max_version_lag), sampler=cfg.sampler
                 )
