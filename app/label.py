@@ -74,8 +74,14 @@ def label_loop(
                     image.raise_for_status()
                     images[key] = Image.open(io.BytesIO(image.content)).convert("RGB")
                 started = time.perf_counter()
-                verdict = judge.prefer(pair["prompt"], images["left"], images["right"], rng, noise)
-                side = {"a": pair["left"]["side"], "b": pair["right"]["side"], "tie": "tie"}[verdict]
+                try:
+                    verdict = judge.prefer(pair["prompt"], images["left"], images["right"], rng, noise)
+                except ValueError as exc:  # a prompt this judge cannot read: say so, skip, carry on
+                    log.warning("%s: skipping pair %s: %s", name, pair["pair_id"], exc)
+                    verdict = "skip"
+                side = {"a": pair["left"]["side"], "b": pair["right"]["side"], "tie": "tie", "skip": "skip"}[
+                    verdict
+                ]
                 body = {
                     "pair_id": pair["pair_id"],
                     "choice": side,
