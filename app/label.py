@@ -74,6 +74,7 @@ def label_loop(
                     image.raise_for_status()
                     images[key] = Image.open(io.BytesIO(image.content)).convert("RGB")
                 started = time.perf_counter()
+                verdict: str
                 try:
                     verdict = judge.prefer(pair["prompt"], images["left"], images["right"], rng, noise)
                 except ValueError as exc:  # a prompt this judge cannot read: say so, skip, carry on
