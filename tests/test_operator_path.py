@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float, procs: list[Proc] = ()) -> Any:  # type: ignore[assignment]
+def wait_for(condition: Callable[[], Any], what: str, timeout: float, procs: Sequence[Proc] = ()) -> Any:
+    """`condition()` once it is truthy; fails with the processes' logs when one exits or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

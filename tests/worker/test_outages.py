@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from core.db.prompts import add_prompt
 from core.settings import Settings
 from tests.app.test_pg_restart import PrivateCluster, private_postgres  # noqa: F401 (a fixture)
 from tests.conftest import scratch_postgres_database, skip_or_fail
-from tests.test_operator_path import SHAPES, Proc, densealign, free_port
+from tests.test_operator_path import SHAPES, Proc, densealign, free_port, wait_for
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
 from worker import sampling
 from worker.main import build_sampler
@@ -161,18 +161,20 @@ class Db:
             session.commit()
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float, procs: tuple[Proc, ...] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        for proc in procs:
-            assert proc.popen.poll() is None, f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log()}"
-        assert time.monotonic() < deadline, (
-            f"timed out after {timeout:.0f}s waiting for {what}:\n" + "\n".join(proc.log() for proc in procs)
-        )
-        time.sleep(0.2)
+def trainer_env(settings: Settings, **dpo: str) -> dict[str, str]:
+    """The environment a `densealign trainer` process needs for `settings`, with DENSEALIGN_DPO__* overrides."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "DENSEALIGN_DATABASE_URL": settings.database_url,
+        "DENSEALIGN_REDIS_URL": settings.redis_url,
+        "DENSEALIGN_BLOB_DIR": settings.blob_dir,
+        "DENSEALIGN_HEARTBEAT_SECONDS": "0.5",
+        "DENSEALIGN_MODEL__BASE_MODEL": settings.model.base_model,
+        "DENSEALIGN_MODEL__DEVICE": "cpu",
+        "DENSEALIGN_MODEL__LORA_RANK": str(settings.model.lora_rank),
+        "DENSEALIGN_SAMPLER__NUM_STEPS": str(settings.sampler.num_steps),
+        "DENSEALIGN_DPO__MIN_NEW_PAIRS": str(settings.dpo.min_new_pairs),
+    } | {f"DENSEALIGN_DPO__{name}": value for name, value in dpo.items()}
 
 
 def prepare(env: dict[str, str], tmp_path: Path) -> tuple[Db, int]:
@@ -193,37 +195,37 @@ def test_worker_outlives_idling_and_redis_killed_while_idle_mid_job_and_at_job_e
     full = dict.fromkeys(range(1, len(PROMPTS) + 1), TARGET)
     worker = Proc("worker", ["worker"], fault_env, tmp_path)
     try:
-        wait_until(lambda: db.open_pairs_by_prompt() == full, "the pool to fill", 180, (worker,))
+        wait_for(lambda: db.open_pairs_by_prompt() == full, "the pool to fill", 180, (worker,))
 
         # 1. idle for over a minute (redis-py's 5 s socket timeout used to end the worker here)
         time.sleep(65)
         assert worker.popen.poll() is None, worker.log()
         db.judge_one(judge)
-        wait_until(lambda: db.open_pairs_by_prompt() == full, "a job after a minute idle", 60, (worker,))
+        wait_for(lambda: db.open_pairs_by_prompt() == full, "a job after a minute idle", 60, (worker,))
 
         # 2. Redis killed while the worker waits for a job, and started again
         private_redis.kill()
         time.sleep(3)
         private_redis.start()
         db.judge_one(judge)
-        wait_until(
+        wait_for(
             lambda: db.open_pairs_by_prompt() == full, "the pool after an idle Redis restart", 90, (worker,)
         )
 
         # 3. Redis killed mid-job and kept down until the job has ended (its result cannot be stored)
         pairs_before = db.scalar(select(func.count(Pair.id)))
         db.judge_one(judge)
-        wait_until(
+        wait_for(
             lambda: (b := db.heartbeat("worker")) and b.state == "sampling", "a job to start", 60, (worker,)
         )
         private_redis.kill()
-        wait_until(
+        wait_for(
             lambda: db.scalar(select(func.count(Pair.id))) > pairs_before,
             "the job's pairs in Postgres",
             60,
             (worker,),
         )
-        wait_until(
+        wait_for(
             lambda: (b := db.heartbeat("worker")) and b.state == "waiting",
             "the worker to wait",
             30,
@@ -231,7 +233,7 @@ def test_worker_outlives_idling_and_redis_killed_while_idle_mid_job_and_at_job_e
         )
         time.sleep(2)
         private_redis.start()
-        wait_until(
+        wait_for(
             lambda: db.open_pairs_by_prompt() == full, "the pool after a mid-job Redis restart", 90, (worker,)
         )
         time.sleep(3)  # a refill that over-fills would show now
@@ -252,7 +254,7 @@ def test_a_killed_workers_job_is_run_again_within_a_minute(
     first = Proc("worker-1", ["worker"], env, tmp_path)
     second: Proc | None = None
     try:
-        beat = wait_until(
+        beat = wait_for(
             lambda: (b := db.heartbeat("worker")) and b.state == "sampling" and b,
             "a job to start",
             120,
@@ -263,7 +265,7 @@ def test_a_killed_workers_job_is_run_again_within_a_minute(
         killed_at = time.monotonic()
         second = Proc("worker-2", ["worker"], env, tmp_path)
         started_again = re.compile(rf"sampling: sample_pairs\(.*\) \({re.escape(job_id)}\)")
-        wait_until(lambda: started_again.search(second.log()), f"job {job_id} to run again", 90, (second,))
+        wait_for(lambda: started_again.search(second.log()), f"job {job_id} to run again", 90, (second,))
         rerun_after = time.monotonic() - killed_at
         assert rerun_after < 75, f"the abandoned job ran again only after {rerun_after:.0f}s"
         assert "requeued 1 abandoned sampling job" in second.log()
@@ -280,25 +282,11 @@ def test_two_trainers_publish_one_version_per_round(
     sampling.install(build_sampler(loop_settings))
     refill_and_work(loop_settings, redis)
     label_everything(TestClient(create_app(loop_settings)), token)
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "DENSEALIGN_DATABASE_URL": loop_settings.database_url,
-        "DENSEALIGN_REDIS_URL": loop_settings.redis_url,
-        "DENSEALIGN_BLOB_DIR": loop_settings.blob_dir,
-        "DENSEALIGN_HEARTBEAT_SECONDS": "0.5",
-        "DENSEALIGN_MODEL__BASE_MODEL": loop_settings.model.base_model,
-        "DENSEALIGN_MODEL__DEVICE": "cpu",
-        "DENSEALIGN_MODEL__LORA_RANK": str(loop_settings.model.lora_rank),
-        "DENSEALIGN_SAMPLER__NUM_STEPS": str(loop_settings.sampler.num_steps),
-        "DENSEALIGN_DPO__MIN_NEW_PAIRS": str(loop_settings.dpo.min_new_pairs),
-        "DENSEALIGN_DPO__STEPS_PER_ROUND": "6",
-        "DENSEALIGN_DPO__PAIRS_PER_STEP": "2",
-        "DENSEALIGN_DPO__POLL_SECONDS": "0.5",
-    }
+    env = trainer_env(loop_settings, STEPS_PER_ROUND="6", PAIRS_PER_STEP="2", POLL_SECONDS="0.5")
     trainers = [Proc(f"trainer-{i}", ["trainer"], env, tmp_path) for i in range(2)]
     db = Db(loop_settings.database_url)
     try:
-        wait_until(
+        wait_for(
             lambda: db.scalar(select(func.max(PolicyVersion.version))) == 1, "version 1", 180, tuple(trainers)
         )
         time.sleep(3)  # a second version from the same round would appear now
@@ -333,26 +321,13 @@ def test_postgres_restarted_during_a_round_the_round_publishes_once(
     sampling.install(build_sampler(settings))
     refill_and_work(settings, redis)
     label_everything(TestClient(create_app(settings)), token)
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "DENSEALIGN_DATABASE_URL": settings.database_url,
-        "DENSEALIGN_REDIS_URL": settings.redis_url,
-        "DENSEALIGN_BLOB_DIR": settings.blob_dir,
-        "DENSEALIGN_HEARTBEAT_SECONDS": "0.5",
-        "DENSEALIGN_MODEL__BASE_MODEL": settings.model.base_model,
-        "DENSEALIGN_MODEL__DEVICE": "cpu",
-        "DENSEALIGN_MODEL__LORA_RANK": str(settings.model.lora_rank),
-        "DENSEALIGN_SAMPLER__NUM_STEPS": str(settings.sampler.num_steps),
-        "DENSEALIGN_DPO__MIN_NEW_PAIRS": str(settings.dpo.min_new_pairs),
-        "DENSEALIGN_DPO__STEPS_PER_ROUND": "8",
-        "DENSEALIGN_DPO__CHECKPOINT_EVERY": "3",
-        "DENSEALIGN_DPO__PAIRS_PER_STEP": "2",
-        "DENSEALIGN_DPO__POLL_SECONDS": "0.5",
-    }
+    env = trainer_env(
+        settings, STEPS_PER_ROUND="8", CHECKPOINT_EVERY="3", PAIRS_PER_STEP="2", POLL_SECONDS="0.5"
+    )
     db = Db(settings.database_url)
     trainer = Proc("trainer", ["trainer"], env, tmp_path)
     try:
-        wait_until(
+        wait_for(
             lambda: (b := db.heartbeat("trainer")) and b.state == "training",
             "the round to start",
             120,
@@ -361,12 +336,12 @@ def test_postgres_restarted_during_a_round_the_round_publishes_once(
         db.sessions.kw["bind"].dispose()  # type: ignore[union-attr]
         private_postgres.stop("fast")  # ends every connection, the trainer's lock included
         # the round's remaining steps need no database; it is still down when the trainer publishes
-        wait_until(
+        wait_for(
             lambda: "round progress: step 8/8" in trainer.log(), "the round's last step", 600, (trainer,)
         )
         time.sleep(3)
         private_postgres.start()
-        wait_until(
+        wait_for(
             lambda: db.scalar(select(func.max(PolicyVersion.version))) == 1, "version 1", 120, (trainer,)
         )
         time.sleep(3)
