@@ -218,7 +218,9 @@ class Trainer:
         settings = None
         for i in idx:
             text, wkey, lkey = examples[i]
-            tw, tl = Trajectory.from_bytes(self.blobs.get(wkey)), Trajectory.from_bytes(self.blobs.get(lkey))
+            tw, tl = (
+                Trajectory.from_bytes(self.blobs.get(k), name=f"trajectory blob {k!r}") for k in (wkey, lkey)
+            )
             settings = settings or tw.settings
             if tw.settings != settings or tl.settings != settings:
                 raise ValueError(

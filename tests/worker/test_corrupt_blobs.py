@@ -133,7 +133,8 @@ def test_a_flipped_byte_in_a_stored_trajectory_stops_the_round(loop_settings: Se
     assert local is not None
     flip_byte(local, local.stat().st_size - 100)  # a latent's bytes, near the end of the file
 
-    with pytest.raises(TrajectoryCorrupt, match="is corrupt: its bytes do not match the sha256"):
+    said = f"trajectory blob {key!r} is corrupt: its bytes do not match the sha256"
+    with pytest.raises(TrajectoryCorrupt, match=re.escape(said)):
         build_trainer(settings).run_once()
     with sessions() as session:
         assert list(session.scalars(select(PolicyVersion.version))) == [0]
