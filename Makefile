@@ -36,6 +36,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# One torch thread per process: the tests run app, worker and trainer processes side by side, and on
+# a 2-core machine two threads each made torch 20-30x slower than one.
+test: export OMP_NUM_THREADS = 1
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

@@ -11,6 +11,7 @@ the truth about each.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -70,6 +71,8 @@ class Proc:
             cwd=tmp,
             stdout=self.file,
             stderr=subprocess.STDOUT,
+            # its own process group, so kill() also ends what it forked (RQ's scheduler process)
+            start_new_session=True,
         )
 
     def log(self) -> str:
@@ -89,9 +92,9 @@ class Proc:
         return code, time.monotonic() - start
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
         self.file.close()
 
 
