@@ -243,7 +243,7 @@ def test_readme_operator_path_from_a_fresh_database(operator_env: dict[str, str]
         for proc in (trainer, worker):
             code, seconds = proc.stop()
             assert code == 0, proc.log()
-            assert seconds < 15, f"{proc.name} took {seconds:.1f}s to stop"
+            assert seconds < 30, f"{proc.name} took {seconds:.1f}s to stop"
         for role in ("worker", "trainer"):
             gone = densealign(["health", "--role", role], env, tmp_path)
             assert gone.returncode == 1 and "exited" in gone.stderr, gone.stderr

@@ -118,12 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.rounds import RoundAlreadyFinished
 
         engine = make_engine(settings.database_url)
+        # Beats start once the model is loaded (compose's start period covers the load), so a start
+        # that fails on bad settings prints its one line and nothing else.
         heartbeat = Heartbeat(
-            sessions=make_session_factory(engine),
-            role="trainer",
-            period=settings.heartbeat_seconds,
-        ).start()
-        heartbeat.set("starting", f"loading {settings.model.base_model}")
+            sessions=make_session_factory(engine), role="trainer", period=settings.heartbeat_seconds
+        )
 
         def progress(step: int, total: int) -> None:
             heartbeat.set("training", f"round step {step}/{total}", version=trainer.current_version)
@@ -133,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer = build_trainer(settings, redis_notifier(settings.redis_url), progress)
         except (ModelNotFoundError, AdapterMismatchError, ValueError) as exc:
-            heartbeat.stop(f"bad settings: {exc}")
             raise SettingsError(str(exc)) from None
         trainer.should_stop = stop.is_set
+        heartbeat.start()
     except SettingsError as exc:
         print(f"densealign trainer: {exc}", file=sys.stderr)
         return 2

@@ -124,16 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         from core.diffusion.policy import AdapterMismatchError
         from core.queue import QUEUE_NAME
 
-        heartbeat = Heartbeat(
-            sessions=make_session_factory(make_engine(settings.database_url)),
-            role="worker",
-            period=settings.heartbeat_seconds,
-        ).start()
-        heartbeat.set("starting", f"loading {settings.model.base_model}")
         try:
             sampler = build_sampler(settings)
         except (ModelNotFoundError, AdapterMismatchError, NoCurrentPolicy, ValueError) as exc:
-            heartbeat.stop(f"bad settings: {exc}")
             raise SettingsError(str(exc)) from None
         from worker.sampling import Sampler, install
 
@@ -145,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         # quit. An explicit timeout above RQ's blocking wait (worker TTL - 15 s) holds for them all.
         redis = Redis.from_url(settings.redis_url, socket_timeout=DEFAULT_WORKER_TTL)
         redis.ping()
+        # Beats start once the process can work (compose's start period covers the model load), so a
+        # start that fails on bad settings prints its one line and nothing else.
+        heartbeat = Heartbeat(
+            sessions=make_session_factory(make_engine(settings.database_url)),
+            role="worker",
+            period=settings.heartbeat_seconds,
+        ).start()
     except SettingsError as exc:
         print(f"densealign worker: {exc}", file=sys.stderr)
         return 2

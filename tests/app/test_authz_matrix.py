@@ -227,9 +227,9 @@ def world(
     make_pair: Callable[..., Pair],
     blob_store: LocalBlobStore,
 ) -> World:
-    blob_store.put("loras/1.safetensors", b"not really a safetensors file")
+    lora_sha256 = blob_store.put("loras/1.safetensors", b"not really a safetensors file")
     publish_policy_version(
-        session=session, version=1, parent_version=0, lora_key="loras/1.safetensors", lora_sha256="1" * 64
+        session=session, version=1, parent_version=0, lora_key="loras/1.safetensors", lora_sha256=lora_sha256
     )
     w = World(session, app, pair_with_images, prompt, make_pair)
     for kind in PRINCIPALS:

@@ -42,10 +42,10 @@ def api_schema(
     app: FastAPI, pair_with_images: Pair, blob_store: LocalBlobStore, admin_with_token: tuple[Labeller, str]
 ) -> schemathesis.BaseSchema:
     # Some rows for generated ids to hit: a pair with images, a published version with its LoRA file.
-    blob_store.put("loras/1.safetensors", b"lora bytes")
+    lora_sha256 = blob_store.put("loras/1.safetensors", b"lora bytes")
     session = app.state.session_factory()
     publish_policy_version(
-        session=session, version=1, parent_version=0, lora_key="loras/1.safetensors", lora_sha256="1" * 64
+        session=session, version=1, parent_version=0, lora_key="loras/1.safetensors", lora_sha256=lora_sha256
     )
     return schemathesis.openapi.from_asgi("/api/v1/openapi.json", app)
 

@@ -200,13 +200,16 @@ def test_worker_outlives_idling_and_redis_killed_while_idle_mid_job_and_at_job_e
         # 1. idle for over a minute (redis-py's 5 s socket timeout used to end the worker here)
         time.sleep(65)
         assert worker.popen.poll() is None, worker.log()
+        # two judgements free a full job's worth (2 pairs per job; a lone free slot waits to batch)
         db.judge_one(judge)
-        wait_for(lambda: db.open_pairs_by_prompt() == full, "a job after a minute idle", 60, (worker,))
+        db.judge_one(judge)
+        wait_for(lambda: db.open_pairs_by_prompt() == full, "a job after a minute idle", 120, (worker,))
 
         # 2. Redis killed while the worker waits for a job, and started again
         private_redis.kill()
         time.sleep(3)
         private_redis.start()
+        db.judge_one(judge)
         db.judge_one(judge)
         wait_for(
             lambda: db.open_pairs_by_prompt() == full, "the pool after an idle Redis restart", 90, (worker,)
@@ -214,6 +217,7 @@ def test_worker_outlives_idling_and_redis_killed_while_idle_mid_job_and_at_job_e
 
         # 3. Redis killed mid-job and kept down until the job has ended (its result cannot be stored)
         pairs_before = db.scalar(select(func.count(Pair.id)))
+        db.judge_one(judge)
         db.judge_one(judge)
         wait_for(
             lambda: (b := db.heartbeat("worker")) and b.state == "sampling", "a job to start", 60, (worker,)
