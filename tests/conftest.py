@@ -8,6 +8,7 @@ at the end, so a stale schema can never leak in. Tests needing it are skipped wh
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import uuid
@@ -78,6 +79,23 @@ def migrate(url: str, revision: str = "head", *, down: bool = False) -> None:
         command.downgrade(config, revision)
     else:
         command.upgrade(config, revision)
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_handlers() -> Iterator[None]:
+    """Undo the log handlers a test's in-process command or RQ worker attached.
+
+    `logging.basicConfig` (every CLI main) and RQ's worker attach stream handlers bound to the
+    sys.stdout/sys.stderr of the moment: under capsys those streams close when the test ends, and a
+    later test's log lines would then print "--- Logging error ---" tracebacks into its own output.
+    """
+    names = ("", "rq.worker", "rq.scheduler")
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in names}
+    yield
+    for name, (handlers, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
