@@ -177,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
         pairs_per_job=settings.pool.pairs_per_job,
+        eval_pool_pairs=settings.eval.pool_pairs,
     )
     app = create_app(settings, session_factory=sessions, refiller=refiller)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     scores: dict[int, dict[str, Any]] = {}
 
     def worker() -> None:
-        queue.run_worker(sampler.sample_pairs, stop)
+        queue.run_worker(sampler.sample_pairs, stop, eval_handler=sampler.sample_eval_pairs)
 
     def tick() -> None:
         while not stop.is_set():
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
             pairs_per_job=settings.pool.pairs_per_job,
+            eval_pool_pairs=settings.eval.pool_pairs,
         )
     threads = [
         threading.Thread(target=fn, name=name, daemon=True)

@@ -32,6 +32,7 @@ class PoolRefiller:
         target_per_prompt: int,
         max_version_lag: int,
         pairs_per_job: int = 1,
+        eval_pool_pairs: int = 8,
         min_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -41,6 +42,7 @@ class PoolRefiller:
         self._target = target_per_prompt
         self._lag = max_version_lag
         self._pairs_per_job = pairs_per_job
+        self._eval_pool_pairs = eval_pool_pairs
         self._min_interval = min_interval
         self._clock = clock
         self._last = float("-inf")
@@ -85,6 +87,7 @@ class PoolRefiller:
                     target_per_prompt=self._target,
                     max_version_lag=self._lag,
                     pairs_per_job=self._pairs_per_job,
+                    eval_pool_pairs=self._eval_pool_pairs,
                 )
         except Exception as exc:  # Redis or the database away: labelling must go on regardless
             log.warning(
@@ -115,4 +118,5 @@ def rq_refiller(settings: Any, sessions: sessionmaker[Session]) -> PoolRefiller:
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
         pairs_per_job=settings.pool.pairs_per_job,
+        eval_pool_pairs=settings.eval.pool_pairs,
     )

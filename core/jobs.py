@@ -13,6 +13,7 @@ from typing import Any
 # kept so jobs queued by an older release still run after an upgrade; new jobs use SAMPLE_PAIRS.
 SAMPLE_PAIR = "worker.jobs.sample_pair"
 SAMPLE_PAIRS = "worker.jobs.sample_pairs"
+SAMPLE_EVAL_PAIRS = "worker.jobs.sample_eval_pairs"
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,18 @@ class SamplePairs:
 
     def kwargs(self) -> dict[str, Any]:
         return {"prompt_ids": list(self.prompt_ids)}
+
+
+@dataclass(frozen=True)
+class SampleEvalPairs:
+    """Sample one evaluation pair (the campaign's version vs its baseline, one seed) per prompt id."""
+
+    campaign_id: int
+    prompt_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("a sampling job needs at least one prompt id")
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"campaign_id": self.campaign_id, "prompt_ids": list(self.prompt_ids)}

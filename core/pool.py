@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.db.campaigns import eval_pairs_per_prompt, eval_prompt_ids, pairs_wanted, running_campaigns
 from core.db.models import Pair, Prompt
 from core.db.policies import get_current_policy
 from core.queue import SamplingQueue
@@ -31,15 +32,16 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = "densealign:pool:lock"
 
 
-def slots_key(prompt_id: int) -> str:
-    return f"densealign:pool:slots:{prompt_id}"
+def slots_key(owner: int | str) -> str:
+    """Redis hash of job slots of a prompt (its id) or of an evaluation campaign ("eval:<id>")."""
+    return f"densealign:pool:slots:{owner}"
 
 
 def open_pairs_by_prompt(*, session: Session, min_version: int) -> dict[int, int]:
     """Pairs still needing judgements, per prompt, among versions >= `min_version`."""
     rows = session.execute(
         select(Pair.prompt_id, func.count(Pair.id))
-        .where(Pair.policy_version >= min_version)
+        .where(Pair.kind == "train", Pair.policy_version >= min_version)
         .where(Pair.judgement_count < Pair.required_judgements)
         .group_by(Pair.prompt_id)
     )
@@ -50,25 +52,25 @@ class MemorySlots:
     """Job slots kept in this process (the embedded mode, where there is no Redis)."""
 
     def __init__(self) -> None:
-        self._slots: dict[int, dict[str, str]] = {}
+        self._slots: dict[int | str, dict[str, str]] = {}
         self.lock = threading.Lock()
 
-    def get(self, prompt_id: int) -> dict[str, str]:
-        return dict(self._slots.get(prompt_id, {}))
+    def get(self, owner: int | str) -> dict[str, str]:
+        return dict(self._slots.get(owner, {}))
 
-    def set(self, prompt_id: int, slot: str, job_id: str) -> None:
-        self._slots.setdefault(prompt_id, {})[slot] = job_id
+    def set(self, owner: int | str, slot: str, job_id: str) -> None:
+        self._slots.setdefault(owner, {})[slot] = job_id
 
 
 class RedisSlots:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
 
-    def get(self, prompt_id: int) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in self.redis.hgetall(slots_key(prompt_id)).items()}
+    def get(self, owner: int | str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(slots_key(owner)).items()}
 
-    def set(self, prompt_id: int, slot: str, job_id: str) -> None:
-        self.redis.hset(slots_key(prompt_id), slot, job_id)
+    def set(self, owner: int | str, slot: str, job_id: str) -> None:
+        self.redis.hset(slots_key(owner), slot, job_id)
 
 
 def refill_pool(
@@ -79,8 +81,10 @@ def refill_pool(
     target_per_prompt: int,
     max_version_lag: int,
     pairs_per_job: int = 1,
+    eval_pool_pairs: int = 8,
 ) -> int:
-    """Enqueue sampling jobs for prompts below target; returns how many pairs they will sample.
+    """Enqueue sampling jobs for prompts below target, and for running evaluation campaigns below
+    `eval_pool_pairs` open pairs; returns how many pairs they will sample.
 
     With `redis`, slots and the lock live in Redis (many processes); without, the queue must carry
     its own `slots` (a `MemorySlots`, as the embedded `ThreadQueue` does).
@@ -92,13 +96,18 @@ def refill_pool(
                 "without Redis, the queue must keep its own job slots (use core.queue.ThreadQueue)"
             )
         with slots.lock:
-            return _refill(session, queue, slots, target_per_prompt, max_version_lag, pairs_per_job)
+            return _refill(
+                session, queue, slots, target_per_prompt, max_version_lag, pairs_per_job
+            ) + _refill_eval(session, queue, slots, eval_pool_pairs, pairs_per_job)
     lock = redis.lock(LOCK_KEY, timeout=60, blocking_timeout=10)
     if not lock.acquire():
         logger.info("another process is refilling the pool; skipping this tick")
         return 0
     try:
-        return _refill(session, queue, RedisSlots(redis), target_per_prompt, max_version_lag, pairs_per_job)
+        slots = RedisSlots(redis)
+        return _refill(
+            session, queue, slots, target_per_prompt, max_version_lag, pairs_per_job
+        ) + _refill_eval(session, queue, slots, eval_pool_pairs, pairs_per_job)
     finally:
         try:
             lock.release()
@@ -151,6 +160,38 @@ def _refill(
             len(prompts),
         )
     return len(order)
+
+
+def _refill_eval(
+    session: Session,
+    queue: SamplingQueue,
+    slots: MemorySlots | RedisSlots,
+    pool_pairs: int,
+    pairs_per_job: int,
+) -> int:
+    """Top up each running campaign's open evaluation pairs, spread evenly over its prompts."""
+    total = 0
+    for campaign in running_campaigns(session=session):
+        owner = f"eval:{campaign.id}"
+        busy = {slot for slot, job_id in slots.get(owner).items() if queue.is_active(job_id)}
+        wanted = pairs_wanted(session=session, campaign=campaign, pool_pairs=pool_pairs, queued=len(busy))
+        prompts = eval_prompt_ids(session=session, split=campaign.prompt_split)
+        if not wanted or not prompts:
+            continue
+        sampled = eval_pairs_per_prompt(session=session, campaign_id=campaign.id)
+        free = [str(s) for s in range(pool_pairs) if str(s) not in busy][:wanted]
+        chosen = []
+        for _ in free:  # the prompt with the fewest pairs so far, lowest id first
+            prompt_id = min(prompts, key=lambda p: (sampled.get(p, 0), p))
+            sampled[prompt_id] = sampled.get(prompt_id, 0) + 1
+            chosen.append(prompt_id)
+        for start in range(0, len(free), pairs_per_job):
+            job_id = queue.enqueue_eval_pairs(campaign.id, chosen[start : start + pairs_per_job])
+            for slot in free[start : start + pairs_per_job]:
+                slots.set(owner, slot, job_id)
+        total += len(free)
+        logger.info("evaluation campaign %d: enqueued %d pairs", campaign.id, len(free))
+    return total
 
 
 def _s(value: Any) -> str:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from core.jobs import SAMPLE_PAIRS, SamplePairs
+from core.jobs import SAMPLE_EVAL_PAIRS, SAMPLE_PAIRS, SampleEvalPairs, SamplePairs
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ class SamplingQueue(Protocol):
 
     def enqueue_sample_pair(self, prompt_id: int) -> str:
         """Queue a job for one pair of `prompt_id`; returns its id."""
+        ...
+
+    def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
+        """Queue one job that samples an evaluation pair of campaign `campaign_id` per prompt id."""
         ...
 
     def is_active(self, job_id: str) -> bool:
@@ -58,18 +62,26 @@ class RqSamplingQueue:
         self.queue = Queue(name, connection=redis)
 
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
+        payload = SamplePairs(prompt_ids=tuple(prompt_ids))
+        return self._enqueue(SAMPLE_PAIRS, payload.kwargs())
+
+    def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
+        payload = SampleEvalPairs(campaign_id=campaign_id, prompt_ids=tuple(prompt_ids))
+        return self._enqueue(SAMPLE_EVAL_PAIRS, payload.kwargs())
+
+    def _enqueue(self, function: str, kwargs: dict[str, Any]) -> str:
         from rq import Retry
 
-        payload = SamplePairs(prompt_ids=tuple(prompt_ids))
         retry = Retry(max=self.retries, interval=self.retry_intervals) if self.retries else None
+        arguments = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         job = self.queue.enqueue(
-            SAMPLE_PAIRS,
-            kwargs=payload.kwargs(),
+            function,
+            kwargs=kwargs,
             retry=retry,
             job_timeout=self.job_timeout,
             result_ttl=3600,
             failure_ttl=7 * 24 * 3600,
-            description=f"sample_pairs(prompt_ids={list(payload.prompt_ids)})",
+            description=f"{function.rsplit('.', 1)[-1]}({arguments})",
         )
         return str(job.id)
 
@@ -118,18 +130,24 @@ class ThreadQueue:
 
         self.retries = retries
         self.slots = MemorySlots()
-        self._jobs: stdlib_queue.Queue[tuple[str, tuple[int, ...], int]] = stdlib_queue.Queue()
+        # (job id, campaign id for an evaluation job or None, prompt ids, attempt)
+        self._jobs: stdlib_queue.Queue[tuple[str, int | None, tuple[int, ...], int]] = stdlib_queue.Queue()
         self._status: dict[str, str] = {}
         self._lock = threading.Lock()
         self._counter = 0
 
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
-        payload = SamplePairs(prompt_ids=tuple(prompt_ids))
+        return self._put(None, SamplePairs(prompt_ids=tuple(prompt_ids)).prompt_ids)
+
+    def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
+        return self._put(campaign_id, SampleEvalPairs(campaign_id, tuple(prompt_ids)).prompt_ids)
+
+    def _put(self, campaign_id: int | None, prompt_ids: tuple[int, ...]) -> str:
         with self._lock:
             self._counter += 1
             job_id = f"local-{self._counter}"
             self._status[job_id] = "queued"
-        self._jobs.put((job_id, payload.prompt_ids, 0))
+        self._jobs.put((job_id, campaign_id, prompt_ids, 0))
         return job_id
 
     def enqueue_sample_pair(self, prompt_id: int) -> str:
@@ -142,18 +160,33 @@ class ThreadQueue:
     def depth(self) -> int:
         return self._jobs.qsize()
 
-    def run_worker(self, handler: Callable[[list[int]], Any], stop: Any, poll: float = 0.5) -> None:
+    def run_worker(
+        self,
+        handler: Callable[[list[int]], Any],
+        stop: Any,
+        poll: float = 0.5,
+        eval_handler: Callable[[int, list[int]], Any] | None = None,
+    ) -> None:
+        """Serve jobs until `stop` is set: `handler(prompt_ids)` for training pairs and
+        `eval_handler(campaign_id, prompt_ids)` for evaluation pairs."""
         import queue as stdlib_queue
 
         while not stop.is_set():
             try:
-                job_id, prompt_ids, attempt = self._jobs.get(timeout=poll)
+                job_id, campaign_id, prompt_ids, attempt = self._jobs.get(timeout=poll)
             except stdlib_queue.Empty:
                 continue
             with self._lock:
                 self._status[job_id] = "started"
             try:
-                handler(list(prompt_ids))
+                if campaign_id is None:
+                    handler(list(prompt_ids))
+                elif eval_handler is not None:
+                    eval_handler(campaign_id, list(prompt_ids))
+                else:
+                    raise RuntimeError(
+                        f"job {job_id} samples evaluation pairs, and this worker has no handler"
+                    )
             except Exception:
                 logger.exception(
                     "job %s (prompts %s) failed on attempt %d", job_id, list(prompt_ids), attempt + 1
@@ -161,7 +194,7 @@ class ThreadQueue:
                 if attempt < self.retries:
                     with self._lock:
                         self._status[job_id] = "queued"
-                    self._jobs.put((job_id, prompt_ids, attempt + 1))
+                    self._jobs.put((job_id, campaign_id, prompt_ids, attempt + 1))
                     continue
                 with self._lock:
                     self._status[job_id] = "failed"

@@ -25,6 +25,7 @@ def build_trainer(
 ) -> Any:
 
     from core.db import make_engine, make_session_factory
+    from core.db.campaigns import AutoEvaluation
     from core.db.sampler_groups import configured_sampler
     from core.diffusion.policy import policy_from_config
     from core.diffusion.training import DpoHyperparameters
@@ -59,6 +60,12 @@ def build_trainer(
         on_publish=on_publish,
         progress=progress,
         evaluate=evaluate,
+        auto_evaluation=AutoEvaluation(
+            votes=settings.eval.auto_votes,
+            compare_with=settings.eval.compare_with,
+            judgements_per_pair=settings.eval.judgements_per_pair,
+            prompt_split=settings.eval.prompt_split,
+        ),
     )
 
 

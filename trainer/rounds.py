@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db.campaigns import AutoEvaluation, start_on_publish
 from core.db.models import TrainingRound
 from core.db.policies import (
     get_current_policy,
@@ -137,6 +138,8 @@ class Trainer:
     evaluate: Callable[[Policy], dict[str, Any]] | None = None
     # Asked after every optimizer step (SIGTERM sets it): checkpoint there and return without publishing.
     should_stop: Callable[[], bool] | None = None
+    # The human evaluation campaign started with each published version (Settings.eval).
+    auto_evaluation: AutoEvaluation | None = None
     # Why the last `run_once` trained nothing (e.g. "12 decided pairs at the current settings ..., need
     # 32"), for the heartbeat and the log.
     waiting_reason: str = field(default="", init=False)
@@ -349,6 +352,18 @@ class Trainer:
                 metrics=metrics,
                 make_current=True,
             )
+            if self.auto_evaluation is not None:
+                campaign = start_on_publish(
+                    session=session, version=version, parent_version=base_version, auto=self.auto_evaluation
+                )
+                if campaign is not None:
+                    logger.info(
+                        "evaluation campaign %d: version %d vs %d, %d votes wanted",
+                        campaign.id,
+                        version,
+                        campaign.baseline_version,
+                        campaign.target_votes,
+                    )
             finish_training_round(
                 session=session,
                 round_id=round_id,

@@ -90,6 +90,7 @@ def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) 
                         target_per_prompt=settings.pool.target_per_prompt,
                         max_version_lag=settings.dpo.max_version_lag,
                         pairs_per_job=settings.pool.pairs_per_job,
+                        eval_pool_pairs=settings.eval.pool_pairs,
                     )
             except Exception as exc:  # a tick must never kill the worker; the next one retries
                 logger.warning("pool refill failed: %s", exc)

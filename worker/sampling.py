@@ -29,11 +29,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from safetensors.torch import load
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db.campaigns import create_eval_pair, get_campaign
+from core.db.models import PolicyVersion
 from core.db.pairs import create_pair, create_trajectory, required_judgements
-from core.db.policies import get_current_policy
+from core.db.policies import get_current_policy, get_policy_version
 from core.db.prompts import get_prompt
 from core.diffusion.models import Pipeline
 from core.diffusion.policy import Policy
@@ -76,23 +79,27 @@ class Sampler:
     def sync_policy(self, session: Session) -> int:
         """Make the loaded adapter the current version's; returns that version."""
         current = get_current_policy(session=session)
-        if current.version == self.loaded_version:
-            return current.version
+        self.load_version(current)
+        return current.version
+
+    def load_version(self, row: PolicyVersion) -> None:
+        """Hot-swap the adapter of `row` in place (version 0: the adapter is zeroed)."""
+        if row.version == self.loaded_version:
+            return
         start = time.perf_counter()
-        if current.version == 0:
+        if row.version == 0:
             self.policy.reset_adapter()
         else:
-            assert current.lora_key is not None and current.lora_sha256 is not None
-            self.policy.hot_swap(load(get_verified(self.blobs, current.lora_key, current.lora_sha256)))
+            assert row.lora_key is not None and row.lora_sha256 is not None
+            self.policy.hot_swap(load(get_verified(self.blobs, row.lora_key, row.lora_sha256)))
         self.last_swap_seconds = time.perf_counter() - start
         logger.info(
             "hot-swapped policy version %d -> %d in %.3fs",
             self.loaded_version,
-            current.version,
+            row.version,
             self.last_swap_seconds,
         )
-        self.loaded_version = current.version
-        return current.version
+        self.loaded_version = row.version
 
     def sample_pair(self, prompt_id: int) -> int:
         """Run a one-pair job; returns the new pair's id."""
@@ -161,11 +168,7 @@ class Sampler:
                     )
                     pair_ids.append(pair.id)
         except BaseException:
-            for key in written:
-                try:
-                    self.blobs.delete(key)
-                except Exception:  # best effort: an unreferenced blob is harmless
-                    logger.warning("could not delete blob %s of a failed job", key)
+            self._delete_blobs(written)
             raise
         logger.info(
             "%d pairs (prompts %s) sampled with policy version %d in %.1fs",
@@ -175,6 +178,94 @@ class Sampler:
             sampled_seconds,
         )
         return pair_ids
+
+    def sample_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> list[int]:
+        """Run one evaluation job: for each prompt id, an image of the campaign's version and one of its
+        baseline from the same seed and settings (so the policy is the only difference), stored as an
+        evaluation pair. Images only: evaluation pairs are never trained on, so no latents are kept.
+
+        Returns the new pair ids; none when the campaign ended while the job waited. The adapter left
+        loaded is the baseline's; the next training job swaps back to the current version.
+        """
+        if not prompt_ids:
+            raise ValueError("a sampling job needs at least one prompt id")
+        with self.sessions() as session:
+            campaign = get_campaign(session=session, campaign_id=campaign_id)
+            if campaign.status != "running":
+                logger.info(
+                    "evaluation campaign %d has ended (%s); job skipped", campaign_id, campaign.status
+                )
+                return []
+            texts = {pid: get_prompt(session=session, prompt_id=pid).text for pid in set(prompt_ids)}
+            sides = [
+                get_policy_version(session=session, version=v)
+                for v in (campaign.version, campaign.baseline_version)
+            ]
+            session.expunge_all()
+        source = self.seed_source
+        seeds = [source.getrandbits(63) if source else secrets.randbits(63) for _ in prompt_ids]
+        prompts = [texts[pid] for pid in prompt_ids]
+        images = []
+        for row in sides:  # both sides even in an A/A campaign: their images must come out identical
+            self.load_version(row)
+            images.append(sample_trajectories(self.policy.pipe, prompts, seeds, self.settings).pil_images())
+        record = self.sampling_record()
+        written: list[str] = []
+        try:
+            keys = [
+                [
+                    self._put_png(written, f"eval/c{campaign_id}/v{row.version}/p{pid}", image)
+                    for pid, image in zip(prompt_ids, side, strict=True)
+                ]
+                for row, side in zip(sides, images, strict=True)
+            ]
+            with self.sessions() as session, session.begin():
+                pair_ids = []
+                for k, prompt_id in enumerate(prompt_ids):
+                    ours, theirs = (
+                        create_trajectory(
+                            session=session,
+                            prompt_id=prompt_id,
+                            policy_version=row.version,
+                            seed=seeds[k],
+                            image_key=keys[side][k],
+                            sampler=record,
+                        )
+                        for side, row in enumerate(sides)
+                    )
+                    pair = create_eval_pair(
+                        session=session,
+                        campaign_id=campaign_id,
+                        version_trajectory_id=ours.id,
+                        baseline_trajectory_id=theirs.id,
+                        rng=self.rng,
+                    )
+                    pair_ids.append(pair.id)
+        except BaseException:
+            self._delete_blobs(written)
+            raise
+        logger.info(
+            "%d evaluation pairs for campaign %d (prompts %s)",
+            len(pair_ids),
+            campaign_id,
+            sorted(set(prompt_ids)),
+        )
+        return pair_ids
+
+    def _put_png(self, written: list[str], stem: str, image: Image.Image) -> str:
+        key = f"images/{stem}/{uuid.uuid4().hex}.png"
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        self.blobs.put(key, png.getvalue())
+        written.append(key)
+        return key
+
+    def _delete_blobs(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.blobs.delete(key)
+            except Exception:  # best effort: an unreferenced blob is harmless (and swept later)
+                logger.warning("could not delete blob %s of a failed job", key)
 
 
 def reproduction_record(pipe: Pipeline, *, base_model: str | None = None) -> dict[str, Any]:

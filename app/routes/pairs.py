@@ -73,6 +73,7 @@ def get_next_pair(
         lease_seconds=settings.lease_seconds,
         rng=random.SystemRandom(),
         exclude=_parse_exclude(exclude),
+        eval_share=settings.eval.share,
     )
     session.commit()
     if assignment is None:

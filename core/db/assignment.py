@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.db.base import utcnow
-from core.db.models import Judgement, Lease, Pair, Prompt
+from core.db.models import EvalCampaign, Judgement, Lease, Pair, Prompt
 
 CANDIDATES_PER_TRY = 16
 
@@ -43,9 +43,12 @@ def next_pair(
     rng: random.Random | None = None,
     exclude: Collection[int] = (),
     now: dt.datetime | None = None,
+    eval_share: float = 0.0,
 ) -> Assignment | None:
     """Lease a pair to `labeller_id`, or None when the pool has nothing for them.
 
+    `eval_share` of the pairs handed out are evaluation pairs of running campaigns (core.db.campaigns)
+    when there are any; they carry the same fields as training pairs, so nobody can tell them apart.
     A live lease the labeller already holds (and does not list in `exclude`, the pairs the client is
     already showing) is returned again, so reloading the page does not burn pairs.
     """
@@ -64,15 +67,28 @@ def next_pair(
         session.flush()
         return _assignment(session, held.pair_id, held.left_side, expires)
     tried: set[int] = set(exclude)
-    while True:
-        candidates = _candidates(session, labeller_id, now, tried)
-        if not candidates:
-            return None
-        for pair_id in candidates:
-            tried.add(pair_id)
-            left_side = rng.choice(("a", "b"))
-            if _claim(session, pair_id, labeller_id, left_side, expires, now):
-                return _assignment(session, pair_id, left_side, expires)
+    for kind in _kinds_in_order(rng, eval_share):
+        while True:
+            candidates = _candidates(session, labeller_id, now, tried, kind)
+            if not candidates:
+                break
+            for pair_id in candidates:
+                tried.add(pair_id)
+                left_side = rng.choice(("a", "b"))
+                if _claim(session, pair_id, labeller_id, left_side, expires, now):
+                    return _assignment(session, pair_id, left_side, expires)
+    return None
+
+
+def _kinds_in_order(rng: random.Random, eval_share: float) -> tuple[str, ...]:
+    """Which kind of pair to look for first: an evaluation pair with probability `eval_share`.
+
+    Either kind falls back to the other when none is free, so nobody waits while pairs exist; with
+    a share of 0 evaluation pairs are never served.
+    """
+    if eval_share <= 0:
+        return ("train",)
+    return ("eval", "train") if rng.random() < eval_share else ("train", "eval")
 
 
 def _judged_by(
@@ -85,16 +101,22 @@ def _judged_by(
     )
 
 
-def _candidates(session: Session, labeller_id: int, now: dt.datetime, tried: set[int]) -> list[int]:
+def _candidates(
+    session: Session, labeller_id: int, now: dt.datetime, tried: set[int], kind: str = "train"
+) -> list[int]:
     # Reads ix_pairs_open backwards: open pairs, newest version, most-judged first, then newest pair.
     free = ~select(Lease.id).where(Lease.pair_id == Pair.id, Lease.expires_at > now).exists()
     query = (
         select(Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .where(Prompt.active.is_(True), Pair.judgement_count < Pair.required_judgements, free)
-        .where(~_judged_by(labeller_id, Pair.id))
+        .where(Pair.kind == kind, ~_judged_by(labeller_id, Pair.id))
         .order_by(Pair.policy_version.desc(), Pair.judgement_count.desc(), Pair.id.desc())
     )
+    if kind == "eval":  # only while their campaign runs
+        query = query.join(EvalCampaign, EvalCampaign.id == Pair.campaign_id).where(
+            EvalCampaign.status == "running"
+        )
     if tried:
         query = query.where(Pair.id.not_in(list(tried)))
     query = query.limit(CANDIDATES_PER_TRY)

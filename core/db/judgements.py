@@ -27,6 +27,7 @@ from core.db.errors import (
     UndoBlocked,
     UndoWindowPassed,
 )
+from core.db.campaigns import finish_if_reached
 from core.db.models import CHOICES, Judgement, Lease, Pair, Prompt
 from core.db.pairs import get_pair
 
@@ -63,7 +64,7 @@ def record_judgement(
     existing = _by_client_key(session, client_key, labeller_id, pair_id, choice)
     if existing is not None:
         return Recorded(existing, created=False)
-    get_pair(session=session, pair_id=pair_id)
+    pair = get_pair(session=session, pair_id=pair_id)
     if session.scalar(
         select(Judgement.id).where(Judgement.pair_id == pair_id, Judgement.labeller_id == labeller_id)
     ):
@@ -92,6 +93,8 @@ def record_judgement(
     except IntegrityError:
         # Lost a race with an identical request (same key) or a second tab (same pair).
         return repeat_or(AlreadyJudged(pair_id, labeller_id))
+    if pair.campaign_id is not None:  # an evaluation vote: its campaign may have all it needs now
+        finish_if_reached(session=session, campaign_id=pair.campaign_id)
     return Recorded(judgement, created=True)
 
 

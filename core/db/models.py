@@ -29,6 +29,9 @@ CHOICES = ("a", "b", "tie", "skip")
 SIDES = ("a", "b")
 ROUND_STATUSES = ("running", "done", "failed")
 PROCESS_ROLES = ("worker", "trainer")
+PAIR_KINDS = ("train", "eval")
+CAMPAIGN_STATUSES = ("running", "done", "stopped")
+CAMPAIGN_ORIGINS = ("publish", "admin")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -47,6 +50,9 @@ class Labeller(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # sha256 hex of the bearer token; the token itself is shown once and never stored.
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # Browser sessions carry the epoch of their login; logout and deactivation bump it, which ends
+    # every cookie issued before (core/db/labellers.py end_sessions).
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -133,6 +139,8 @@ class Pair(Base):
         CheckConstraint("required_judgements >= 1", name="required_judgements_positive"),
         CheckConstraint("trajectory_a_id <> trajectory_b_id", name="distinct_trajectories"),
         CheckConstraint("judgement_count >= 0", name="judgement_count_non_negative"),
+        CheckConstraint(_in("kind", PAIR_KINDS), name="kind"),
+        CheckConstraint("(kind = 'eval') = (campaign_id IS NOT NULL)", name="eval_has_campaign"),
         # The pairs still wanting judgements, in the order the next-pair lease hands them out (it reads
         # the index backwards), so that query stops at the first few free entries instead of counting
         # judgements for every pair of the newest version.
@@ -148,7 +156,12 @@ class Pair(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    # For an evaluation pair, the version under evaluation (side a); side b is the campaign's baseline.
     policy_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"), index=True)
+    # 'train': two samples of one version, for training. 'eval': one sample each of two versions from
+    # the same seed, for a human evaluation campaign; never trained on.
+    kind: Mapped[str] = mapped_column(String(8), default="train", server_default="train")
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("eval_campaigns.id"), index=True)
     trajectory_a_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     trajectory_b_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     required_judgements: Mapped[int] = mapped_column(Integer, default=1)
@@ -156,6 +169,44 @@ class Pair(Base):
     # the same transaction), so "still open" is a column comparison the partial index can serve.
     judgement_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class EvalCampaign(Base):
+    """A blind A/B test by people: votes on pairs of (version, baseline) images from the same seed.
+
+    Started when a version is published (origin 'publish') or by an admin ('admin'); it runs until
+    `target_votes` votes are in ('done') or an admin stops it ('stopped'). At most one campaign per
+    (version, baseline) runs at a time.
+    """
+
+    __tablename__ = "eval_campaigns"
+    __table_args__ = (
+        CheckConstraint(_in("status", CAMPAIGN_STATUSES), name="status"),
+        CheckConstraint(_in("origin", CAMPAIGN_ORIGINS), name="origin"),
+        CheckConstraint(_in("prompt_split", SPLITS), name="prompt_split"),
+        CheckConstraint("target_votes >= 1", name="target_votes_positive"),
+        CheckConstraint("judgements_per_pair >= 1", name="judgements_per_pair_positive"),
+        Index(
+            "uq_eval_campaigns_running",
+            "version",
+            "baseline_version",
+            unique=True,
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"), index=True)
+    baseline_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"))
+    target_votes: Mapped[int] = mapped_column(Integer)
+    judgements_per_pair: Mapped[int] = mapped_column(Integer, default=1)
+    prompt_split: Mapped[str] = mapped_column(String(8), default="eval")
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    origin: Mapped[str] = mapped_column(String(16), default="admin")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("labellers.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class Judgement(Base):

@@ -70,7 +70,8 @@ def preference_pairs(
         .join(traj_a, traj_a.id == Pair.trajectory_a_id)
         .join(traj_b, traj_b.id == Pair.trajectory_b_id)
         .join(Judgement, Judgement.pair_id == Pair.id)
-        .where(Pair.id > after_pair_id)
+        # Evaluation pairs (core.db.campaigns) measure the policy and are never trained on.
+        .where(Pair.kind == "train", Pair.id > after_pair_id)
         .order_by(Pair.id)
     )
     if versions is not None:
@@ -196,8 +197,10 @@ def running_round(*, session: Session) -> TrainingRound | None:
 def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[PreferencePair]) -> None:
     """Remember which pairs (and which winner) a round trains on, before it trains."""
     by_id = {p.pair_id: p for p in pairs}
-    rows = session.execute(select(Pair.id, Pair.trajectory_a_id).where(Pair.id.in_(list(by_id))))
-    for pair_id, traj_a in rows:
+    rows = session.execute(select(Pair.id, Pair.trajectory_a_id, Pair.kind).where(Pair.id.in_(list(by_id))))
+    for pair_id, traj_a, kind in rows:
+        if kind != "train":
+            raise InvalidInput(f"pair {pair_id} is an evaluation pair; rounds train on training pairs only")
         p = by_id[pair_id]
         winner = "a" if p.winner_trajectory_id == traj_a else "b"
         session.add(TrainingRoundPair(round_id=round_id, pair_id=pair_id, winner=winner, judgements=p.votes))

@@ -18,6 +18,7 @@ from tests.conftest import migrate, scratch_postgres_database
 TABLES = {
     "alembic_version",
     "current_policy",
+    "eval_campaigns",
     "invites",
     "judgements",
     "labellers",

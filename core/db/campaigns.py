@@ -1,0 +1,337 @@
+"""Human evaluation campaigns: blind votes by people on (version, baseline) image pairs.
+
+An evaluation pair shows one image of the version under evaluation (side a) and one of the
+campaign's baseline (side b), drawn from the same prompt, seed and sampler settings, so that the
+policy is the only difference. Labellers get them mixed into their stream (core.db.assignment) and
+cannot tell them from training pairs; the trainer never reads them (core.db.training selects
+kind 'train' only). A vote is a judgement on an evaluation pair: 'a' is a win for the version,
+'b' a loss, 'tie' a tie; skips are not votes. The statistics are in core.eval_stats.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
+
+from core.db.base import utcnow
+from core.db.errors import Conflict, InvalidInput, NotFound, PairInvalid
+from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, Prompt, Trajectory
+from core.db.policies import get_policy_version
+from core.eval_stats import Score, Vote, WinRate, bradley_terry, win_rate
+
+
+class CampaignNotFound(NotFound):
+    def __init__(self, campaign_id: int) -> None:
+        super().__init__(
+            f"evaluation campaign {campaign_id} does not exist; list campaigns with GET /api/v1/evaluations"
+        )
+
+
+class CampaignRunning(Conflict):
+    def __init__(self, existing: EvalCampaign) -> None:
+        super().__init__(
+            f"evaluation campaign {existing.id} (version {existing.version} vs {existing.baseline_version}) "
+            "is already running; stop it first or wait for it to finish"
+        )
+
+
+class CampaignNotRunning(Conflict):
+    def __init__(self, campaign: EvalCampaign) -> None:
+        super().__init__(f"evaluation campaign {campaign.id} has already ended ({campaign.status})")
+
+
+@dataclass(frozen=True)
+class AutoEvaluation:
+    """What to start when a version is published (Settings.eval); `votes` 0 = nothing."""
+
+    votes: int
+    compare_with: str = "base"  # 'base' or 'previous'
+    judgements_per_pair: int = 1
+    prompt_split: str = "eval"
+
+
+def eval_prompt_ids(*, session: Session, split: str) -> list[int]:
+    """Active prompts of `split`, in id order: the prompts a campaign draws its pairs from."""
+    return list(
+        session.scalars(
+            select(Prompt.id).where(Prompt.active.is_(True), Prompt.split == split).order_by(Prompt.id)
+        )
+    )
+
+
+def start_campaign(
+    *,
+    session: Session,
+    version: int,
+    baseline_version: int,
+    target_votes: int,
+    judgements_per_pair: int = 1,
+    prompt_split: str = "eval",
+    origin: str = "admin",
+    created_by_id: int | None = None,
+) -> EvalCampaign:
+    """Start a campaign of `version` against `baseline_version` (the same version is allowed: an A/A
+    test, whose win rate should sit at 50%)."""
+    get_policy_version(session=session, version=version)
+    get_policy_version(session=session, version=baseline_version)
+    if target_votes < 1:
+        raise InvalidInput(f"target_votes {target_votes} must be at least 1")
+    if judgements_per_pair < 1:
+        raise InvalidInput(f"judgements_per_pair {judgements_per_pair} must be at least 1")
+    if prompt_split not in SPLITS:
+        raise InvalidInput(f"prompt_split {prompt_split!r} is not one of {', '.join(SPLITS)}")
+    if not eval_prompt_ids(session=session, split=prompt_split):
+        raise InvalidInput(
+            f"there are no active prompts of split {prompt_split!r} to evaluate on; add some "
+            f'(POST /api/v1/prompts with "split": "{prompt_split}") and start the campaign again'
+        )
+    running = session.scalar(
+        select(EvalCampaign).where(
+            EvalCampaign.version == version,
+            EvalCampaign.baseline_version == baseline_version,
+            EvalCampaign.status == "running",
+        )
+    )
+    if running is not None:
+        raise CampaignRunning(running)
+    row = EvalCampaign(
+        version=version,
+        baseline_version=baseline_version,
+        target_votes=target_votes,
+        judgements_per_pair=judgements_per_pair,
+        prompt_split=prompt_split,
+        status="running",
+        origin=origin,
+        created_by_id=created_by_id,
+        created_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:  # started by someone else between the check and the insert
+        raise CampaignRunning(session.scalars(_running_of(version, baseline_version)).one()) from None
+    return row
+
+
+def _running_of(version: int, baseline: int) -> Select[tuple[EvalCampaign]]:
+    return select(EvalCampaign).where(
+        EvalCampaign.version == version,
+        EvalCampaign.baseline_version == baseline,
+        EvalCampaign.status == "running",
+    )
+
+
+def start_on_publish(
+    *, session: Session, version: int, parent_version: int | None, auto: AutoEvaluation
+) -> EvalCampaign | None:
+    """The automatic campaign for a just-published version, or None when there is nothing to start
+    (auto off, no prompts to evaluate on, the comparison version is the version itself)."""
+    if auto.votes < 1:
+        return None
+    baseline = 0 if auto.compare_with == "base" or parent_version is None else parent_version
+    if baseline == version or not eval_prompt_ids(session=session, split=auto.prompt_split):
+        return None
+    return start_campaign(
+        session=session,
+        version=version,
+        baseline_version=baseline,
+        target_votes=auto.votes,
+        judgements_per_pair=auto.judgements_per_pair,
+        prompt_split=auto.prompt_split,
+        origin="publish",
+    )
+
+
+def get_campaign(*, session: Session, campaign_id: int) -> EvalCampaign:
+    row = session.get(EvalCampaign, campaign_id)
+    if row is None:
+        raise CampaignNotFound(campaign_id)
+    return row
+
+
+def list_campaigns(*, session: Session, version: int | None = None) -> list[EvalCampaign]:
+    query = select(EvalCampaign).order_by(EvalCampaign.id)
+    if version is not None:
+        query = query.where(EvalCampaign.version == version)
+    return list(session.scalars(query))
+
+
+def running_campaigns(*, session: Session) -> list[EvalCampaign]:
+    return list(
+        session.scalars(
+            select(EvalCampaign).where(EvalCampaign.status == "running").order_by(EvalCampaign.id)
+        )
+    )
+
+
+def stop_campaign(*, session: Session, campaign_id: int) -> EvalCampaign:
+    """End a running campaign now; its votes stay and its open pairs are no longer served."""
+    row = session.get(EvalCampaign, campaign_id, with_for_update=True)
+    if row is None:
+        raise CampaignNotFound(campaign_id)
+    if row.status != "running":
+        raise CampaignNotRunning(row)
+    row.status = "stopped"
+    row.finished_at = utcnow()
+    session.flush()
+    return row
+
+
+def vote_counts(*, session: Session, campaign_ids: Sequence[int] | None = None) -> dict[int, int]:
+    """Votes (judgements other than skips) per campaign."""
+    query = (
+        select(Pair.campaign_id, func.count(Judgement.id))
+        .join(Judgement, Judgement.pair_id == Pair.id)
+        .where(Pair.kind == "eval", Judgement.choice != "skip")
+        .group_by(Pair.campaign_id)
+    )
+    if campaign_ids is not None:
+        query = query.where(Pair.campaign_id.in_(list(campaign_ids)))
+    return {int(cid): n for cid, n in session.execute(query) if cid is not None}
+
+
+def finish_if_reached(*, session: Session, campaign_id: int) -> bool:
+    """Mark a running campaign done once it has its target votes; True when this call ended it."""
+    row = session.get(EvalCampaign, campaign_id)
+    if row is None or row.status != "running":
+        return False
+    if vote_counts(session=session, campaign_ids=[campaign_id]).get(campaign_id, 0) < row.target_votes:
+        return False
+    ended = session.execute(
+        update(EvalCampaign)
+        .where(EvalCampaign.id == campaign_id, EvalCampaign.status == "running")
+        .values(status="done", finished_at=utcnow())
+        .returning(EvalCampaign.id)
+    ).scalar_one_or_none()
+    session.flush()
+    session.refresh(row)
+    return ended is not None
+
+
+def campaign_votes(*, session: Session, campaign_ids: Sequence[int] | None = None) -> list[Vote]:
+    """Every vote of the given campaigns (all campaigns when None), as `core.eval_stats.Vote`s.
+
+    A choice of the side whose trajectory is the campaign's version is a win (in an A/A campaign,
+    where both sides are that version, side a counts as the version).
+    """
+    traj_a = aliased(Trajectory)
+    query = (
+        select(
+            Pair.prompt_id,
+            EvalCampaign.version,
+            EvalCampaign.baseline_version,
+            traj_a.policy_version,
+            Judgement.choice,
+        )
+        .join(Judgement, Judgement.pair_id == Pair.id)
+        .join(EvalCampaign, EvalCampaign.id == Pair.campaign_id)
+        .join(traj_a, traj_a.id == Pair.trajectory_a_id)
+        .where(Pair.kind == "eval", Judgement.choice != "skip")
+        .order_by(Judgement.id)
+    )
+    if campaign_ids is not None:
+        query = query.where(Pair.campaign_id.in_(list(campaign_ids)))
+    votes = []
+    for prompt_id, version, baseline, version_a, choice in session.execute(query):
+        version_side = "a" if version_a == version else "b"
+        outcome = "tie" if choice == "tie" else ("win" if choice == version_side else "loss")
+        votes.append(Vote(prompt_id, version, baseline, outcome))
+    return votes
+
+
+def open_eval_pairs(*, session: Session, campaign_id: int) -> dict[int, int]:
+    """Per prompt, the campaign's pairs still wanting votes."""
+    rows = session.execute(
+        select(Pair.prompt_id, func.count(Pair.id))
+        .where(Pair.campaign_id == campaign_id, Pair.judgement_count < Pair.required_judgements)
+        .group_by(Pair.prompt_id)
+    )
+    return {prompt_id: n for prompt_id, n in rows}
+
+
+def eval_pairs_per_prompt(*, session: Session, campaign_id: int) -> dict[int, int]:
+    """Per prompt, how many pairs the campaign has sampled so far (to spread new ones evenly)."""
+    rows = session.execute(
+        select(Pair.prompt_id, func.count(Pair.id))
+        .where(Pair.campaign_id == campaign_id)
+        .group_by(Pair.prompt_id)
+    )
+    return {prompt_id: n for prompt_id, n in rows}
+
+
+def pairs_wanted(*, session: Session, campaign: EvalCampaign, pool_pairs: int, queued: int) -> int:
+    """How many more evaluation pairs to sample now: enough to collect the votes still missing, at most
+    `pool_pairs` waiting at a time (`queued`: pairs already on their way in sampling jobs)."""
+    votes = vote_counts(session=session, campaign_ids=[campaign.id]).get(campaign.id, 0)
+    open_capacity = session.scalar(
+        select(func.coalesce(func.sum(Pair.required_judgements - Pair.judgement_count), 0)).where(
+            Pair.campaign_id == campaign.id, Pair.judgement_count < Pair.required_judgements
+        )
+    )
+    missing_votes = campaign.target_votes - votes - int(open_capacity or 0)
+    open_pairs = sum(open_eval_pairs(session=session, campaign_id=campaign.id).values())
+    by_votes = math.ceil(max(0, missing_votes) / campaign.judgements_per_pair) - queued
+    return max(0, min(pool_pairs - open_pairs - queued, by_votes))
+
+
+def create_eval_pair(
+    *,
+    session: Session,
+    campaign_id: int,
+    version_trajectory_id: int,
+    baseline_trajectory_id: int,
+    rng: random.Random,
+) -> Pair:
+    """Pair the version's trajectory with the baseline's (same prompt, same seed).
+
+    Which one is side a is drawn at random: side letters appear in image URLs, so a fixed side would
+    tell a curious labeller which image is the new version.
+    """
+    campaign = get_campaign(session=session, campaign_id=campaign_id)
+    ours = session.get(Trajectory, version_trajectory_id)
+    theirs = session.get(Trajectory, baseline_trajectory_id)
+    if ours is None or theirs is None:
+        missing = version_trajectory_id if ours is None else baseline_trajectory_id
+        raise PairInvalid(f"trajectory {missing} does not exist; insert both trajectories before the pair")
+    if ours.id == theirs.id:
+        raise PairInvalid(f"trajectory {ours.id} given twice; a pair needs two different trajectories")
+    if (ours.policy_version, theirs.policy_version) != (campaign.version, campaign.baseline_version):
+        raise PairInvalid(
+            f"trajectories {ours.id} (version {ours.policy_version}) and {theirs.id} (version "
+            f"{theirs.policy_version}) are not of campaign {campaign.id}'s versions {campaign.version} and "
+            f"{campaign.baseline_version}"
+        )
+    if (ours.prompt_id, ours.seed) != (theirs.prompt_id, theirs.seed):
+        raise PairInvalid(
+            f"trajectories {ours.id} and {theirs.id} differ in prompt or seed; an evaluation pair needs both"
+        )
+    a, b = (ours, theirs) if rng.random() < 0.5 else (theirs, ours)
+    pair = Pair(
+        prompt_id=ours.prompt_id,
+        policy_version=campaign.version,
+        kind="eval",
+        campaign_id=campaign.id,
+        trajectory_a_id=a.id,
+        trajectory_b_id=b.id,
+        required_judgements=campaign.judgements_per_pair,
+    )
+    session.add(pair)
+    session.flush()
+    return pair
+
+
+def campaign_results(*, session: Session, campaigns: Sequence[EvalCampaign]) -> dict[int, WinRate]:
+    """Each campaign's win rate of its version over its baseline, with intervals (core.eval_stats)."""
+    return {c.id: win_rate(campaign_votes(session=session, campaign_ids=[c.id])) for c in campaigns}
+
+
+def version_scores(*, session: Session) -> list[Score]:
+    """A Bradley-Terry score per version from every campaign's votes, version 0 anchored at 0."""
+    return bradley_terry(campaign_votes(session=session))
