@@ -63,6 +63,31 @@ def check_csrf(request: Request, sent: str | None) -> None:
         )
 
 
+def cookie_labeller(request: Request, session: Session) -> Labeller | None:
+    """The active labeller the session cookie names, or None (and the cookie's data is dropped).
+
+    The cookie must carry the labeller's current `session_epoch`: logout and deactivation bump it, so
+    a cookie copied before either is refused here although its signature is still valid. The row is
+    loaded anyway to check `active`, so the epoch costs no extra query.
+    """
+    labeller_id = request.session.get("labeller_id")
+    if labeller_id is None:
+        return None
+    labeller = session.get(Labeller, int(labeller_id))
+    if labeller is None or not labeller.active or request.session.get("epoch") != labeller.session_epoch:
+        request.session.clear()
+        return None
+    return labeller
+
+
+def log_in(request: Request, labeller: Labeller) -> None:
+    """Start a fresh session (and CSRF token) for `labeller`, bound to their current session epoch."""
+    request.session.clear()
+    request.session["labeller_id"] = labeller.id
+    request.session["epoch"] = labeller.session_epoch
+    csrf_token(request)
+
+
 def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
     """The labeller behind a bearer token, or behind the session cookie (with CSRF on writes)."""
     header = request.headers.get("authorization")
@@ -76,13 +101,13 @@ def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
                 "bearer token is unknown or its labeller is deactivated; ask an admin for a new one"
             )
         return labeller
-    labeller_id = request.session.get("labeller_id")
-    if labeller_id is None:
+    if request.session.get("labeller_id") is None:
         raise _unauthorized("not authenticated: send 'Authorization: Bearer <token>' or log in")
-    labeller = session.get(Labeller, int(labeller_id))
-    if labeller is None or not labeller.active:
-        request.session.clear()
-        raise _unauthorized("this account is deactivated or gone; ask an admin for a new invite")
+    labeller = cookie_labeller(request, session)
+    if labeller is None:
+        raise _unauthorized(
+            "this session has ended (logged out, or the account was deactivated); log in again at /login"
+        )
     if request.method not in SAFE_METHODS:
         check_csrf(request, request.headers.get(CSRF_HEADER))
     return labeller

@@ -227,7 +227,10 @@ class InvitePublic(BaseModel):
 
 class LabellerUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    active: bool
+    active: bool | None = Field(
+        default=None, description="false deactivates (ending their sessions and token use); true reactivates."
+    )
+    role: Role | None = Field(default=None, description="'admin' promotes, 'annotator' demotes.")
 
 
 class LabellerPublic(Public):

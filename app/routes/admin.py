@@ -9,14 +9,15 @@ from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.charts import bar_chart, line_chart
-from app.deps import SessionDep, SettingsDep, check_csrf
+from app.deps import SessionDep, SettingsDep, check_csrf, cookie_labeller
+from app.errors import status_for
 from app.routes.labellers import invite_url
-from app.routes.pages import render, session_labeller
+from app.routes.pages import render
 from app.routes.stats import collect_stats
 from app.schemas import IdPath
 from core.db.errors import DomainError
 from core.db.heartbeats import process_statuses
-from core.db.labellers import create_invite, set_labeller_active
+from core.db.labellers import create_invite, update_labeller
 from core.db.models import Labeller
 from core.db.policies import get_current_policy, list_policy_versions, set_current_policy
 from core.db.prompts import add_prompt, import_prompts, list_prompts, update_prompt
@@ -28,7 +29,7 @@ CsrfField = Annotated[str | None, Form(alias="csrf")]
 
 
 def admin_or_redirect(request: Request, session: SessionDep) -> Labeller | Response:
-    labeller = session_labeller(request, session)
+    labeller = cookie_labeller(request, session)
     if labeller is None:
         return RedirectResponse("/login", status_code=303)
     if labeller.role != "admin":
@@ -180,12 +181,13 @@ def _labellers(
     *,
     invite: str | None = None,
     error: str | None = None,
+    status_code: int = 422,
 ) -> HTMLResponse:
     stats = collect_stats(session)
     return render(
         request,
         "admin/labellers.html",
-        status_code=422 if error else 200,
+        status_code=status_code if error else 200,
         labeller=admin,
         rows=stats.labellers,
         invite=invite,
@@ -233,6 +235,10 @@ def toggle_labeller(
     check_csrf(request, csrf)
     if isinstance(admin := admin_or_redirect(request, session), Response):
         return admin
-    set_labeller_active(session=session, labeller_id=labeller_id, active=active)
+    try:
+        update_labeller(session=session, labeller_id=labeller_id, active=active, acting_id=admin.id)
+    except DomainError as exc:
+        session.rollback()
+        return _labellers(request, session, admin, error=str(exc), status_code=status_for(exc))
     session.commit()
     return RedirectResponse("/admin/labellers", status_code=303)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.deps import CurrentAdmin, SessionDep, SettingsDep
 from app.schemas import IdPath, InviteCreate, InvitePublic, LabellerPublic, LabellerUpdate
-from core.db.labellers import create_invite, list_labellers, set_labeller_active
+from core.db.labellers import create_invite, list_labellers, update_labeller
 
 router = APIRouter(tags=["labellers"])
 
@@ -39,9 +39,13 @@ def labellers(session: SessionDep, _: CurrentAdmin) -> list[LabellerPublic]:
 
 
 @router.patch("/labellers/{labeller_id}", response_model=LabellerPublic)
-def update_labeller(
-    labeller_id: IdPath, body: LabellerUpdate, session: SessionDep, _: CurrentAdmin
+def change_labeller(
+    labeller_id: IdPath, body: LabellerUpdate, session: SessionDep, admin: CurrentAdmin
 ) -> LabellerPublic:
-    row = set_labeller_active(session=session, labeller_id=labeller_id, active=body.active)
+    """Activate, deactivate, promote or demote a labeller. Deactivation ends their browser sessions and
+    stops their token. 409 when it would leave no active admin, or for a change to your own admin rights."""
+    row = update_labeller(
+        session=session, labeller_id=labeller_id, active=body.active, role=body.role, acting_id=admin.id
+    )
     session.commit()
     return LabellerPublic.model_validate(row)

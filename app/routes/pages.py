@@ -9,11 +9,10 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app.deps import SessionDep, SettingsDep, check_csrf, csrf_token
+from app.deps import SessionDep, SettingsDep, check_csrf, cookie_labeller, csrf_token, log_in
 from app.ratelimit import LoginLimit
 from core.db.errors import InviteInvalid
-from core.db.labellers import accept_invite, find_invite, labeller_by_token
-from core.db.models import Labeller
+from core.db.labellers import accept_invite, end_sessions, find_invite, labeller_by_token
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parent.parent / "templates")
@@ -24,23 +23,9 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
     return templates.TemplateResponse(request, template, context, status_code=status_code)
 
 
-def session_labeller(request: Request, session: SessionDep) -> Labeller | None:
-    labeller_id = request.session.get("labeller_id")
-    if labeller_id is None:
-        return None
-    labeller = session.get(Labeller, int(labeller_id))
-    return labeller if labeller is not None and labeller.active else None
-
-
-def log_in(request: Request, labeller: Labeller) -> None:
-    request.session.clear()  # a fresh session (and CSRF token) at every login
-    request.session["labeller_id"] = labeller.id
-    csrf_token(request)
-
-
 @router.get("/")
 def home(request: Request, session: SessionDep) -> Response:
-    return RedirectResponse("/label" if session_labeller(request, session) else "/login", status_code=303)
+    return RedirectResponse("/label" if cookie_labeller(request, session) else "/login", status_code=303)
 
 
 @router.get("/invite/{secret}")
@@ -92,15 +77,20 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: Annotated[str | None, Form()] = None) -> Response:
+def logout(request: Request, session: SessionDep, csrf: Annotated[str | None, Form()] = None) -> Response:
+    """End this session and every other browser session of the account (see README, Security)."""
     check_csrf(request, csrf)
+    labeller = cookie_labeller(request, session)
+    if labeller is not None:
+        end_sessions(session=session, labeller_id=labeller.id)
+        session.commit()
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
 
 @router.get("/label")
 def label_page(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    labeller = session_labeller(request, session)
+    labeller = cookie_labeller(request, session)
     if labeller is None:
         return RedirectResponse("/login", status_code=303)
     return render(request, "label.html", labeller=labeller, undo_window=settings.undo_window_seconds)

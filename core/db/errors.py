@@ -89,6 +89,30 @@ class LabellerNameTaken(Conflict):
         super().__init__(f"a labeller named {name!r} already exists; choose another name")
 
 
+class CannotChangeOwnAdmin(Conflict):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"labeller {name!r} is you: an admin cannot deactivate or demote their own account; ask another "
+            "admin to do it"
+        )
+
+
+class LastActiveAdmin(Conflict):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"labeller {name!r} is the last active admin; make another labeller an admin first (PATCH "
+            '/api/v1/labellers/ID with {"role": "admin"}, or `densealign invite NAME --role admin`), then retry'
+        )
+
+
+class NotAnActiveAdmin(NotAllowed):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"labeller {name!r} is no longer an active admin (another admin changed the account meanwhile); "
+            "nothing was changed"
+        )
+
+
 class InviteInvalid(NotAllowed):
     def __init__(self) -> None:
         super().__init__("this invite link is unknown, already used or expired; ask an admin for a new one")

@@ -3,6 +3,10 @@
 Tokens are 256-bit random strings; only their sha256 is stored. A fast hash is enough for
 high-entropy tokens (nothing to brute-force) and keeps lookup by hash a single indexed query;
 argon2 would be needed only for human-chosen passwords, which DenseAlign does not use.
+
+Browser sessions are signed cookies that carry the labeller's `session_epoch` from the moment of
+login; the app accepts a cookie only while the row still has that epoch. Logging out and being
+deactivated bump it, which ends every session of the account at once (`end_sessions`).
 """
 
 from __future__ import annotations
@@ -12,11 +16,19 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.db.base import utcnow
-from core.db.errors import InvalidInput, InviteInvalid, LabellerNameTaken, LabellerNotFound
+from core.db.errors import (
+    CannotChangeOwnAdmin,
+    InvalidInput,
+    InviteInvalid,
+    LabellerNameTaken,
+    LabellerNotFound,
+    LastActiveAdmin,
+    NotAnActiveAdmin,
+)
 from core.db.models import ROLES, Invite, Labeller
 
 
@@ -112,11 +124,69 @@ def get_labeller(*, session: Session, labeller_id: int) -> Labeller:
     return labeller
 
 
-def set_labeller_active(*, session: Session, labeller_id: int, active: bool) -> Labeller:
-    labeller = get_labeller(session=session, labeller_id=labeller_id)
-    labeller.active = active
+def update_labeller(
+    *,
+    session: Session,
+    labeller_id: int,
+    active: bool | None = None,
+    role: str | None = None,
+    acting_id: int | None = None,
+) -> Labeller:
+    """Activate, deactivate, promote or demote a labeller (None leaves a field as it is).
+
+    `acting_id` is the admin making the change (None for the CLI and tests). Refused with a Conflict:
+    an admin removing their own admin rights (deactivating or demoting themselves), and any change
+    that would leave no active admin. Every active admin's row is locked (SELECT ... FOR UPDATE, in id
+    order so that concurrent callers cannot deadlock) before they are counted: when two admins
+    deactivate each other at the same moment, the second waits for the first to commit, then sees
+    that it is no longer an active admin and is refused. Deactivation bumps `session_epoch`, so the
+    cookies of the account stay dead after a later reactivation. Does not commit.
+    """
+    if role is not None:
+        _check_role(role)
+    # populate_existing: the caller's session may hold these rows as they were before the lock wait.
+    admins = {
+        row.id: row
+        for row in session.scalars(
+            select(Labeller)
+            .where(Labeller.role == "admin", Labeller.active.is_(True))
+            .order_by(Labeller.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
+    labeller = session.get(Labeller, labeller_id, with_for_update=True, populate_existing=True)
+    if labeller is None:
+        raise LabellerNotFound(labeller_id)
+    if acting_id is not None and acting_id not in admins:
+        actor = session.get(Labeller, acting_id)
+        raise NotAnActiveAdmin(actor.name if actor is not None else str(acting_id))
+    loses_admin = labeller.id in admins and (active is False or role not in (None, "admin"))
+    if loses_admin and labeller.id == acting_id:
+        raise CannotChangeOwnAdmin(labeller.name)
+    if loses_admin and len(admins) == 1:
+        raise LastActiveAdmin(labeller.name)
+    if active is False and labeller.active:
+        labeller.session_epoch += 1
+    if active is not None:
+        labeller.active = active
+    if role is not None:
+        labeller.role = role
     session.flush()
     return labeller
+
+
+def end_sessions(*, session: Session, labeller_id: int) -> None:
+    """End every browser session of a labeller (logout): bump the epoch their cookies must match.
+
+    An UPDATE of the column's own value, so two logouts at once both count. Does not commit.
+    """
+    session.execute(
+        update(Labeller)
+        .where(Labeller.id == labeller_id)
+        .values(session_epoch=Labeller.session_epoch + 1)
+        .execution_options(synchronize_session="fetch")
+    )
 
 
 def list_labellers(*, session: Session) -> list[Labeller]:

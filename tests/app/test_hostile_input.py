@@ -266,5 +266,5 @@ def test_fresh_cookie_signed_with_the_key_works(
 ) -> None:
     # The control for the test above: the same cookie, fresh and properly signed, is a logged-in session.
     labeller, _ = make_labeller("ivan")
-    cookie = _session_cookie("test-secret-key", {"labeller_id": labeller.id, "csrf": "c"})
+    cookie = _session_cookie("test-secret-key", {"labeller_id": labeller.id, "epoch": 0, "csrf": "c"})
     assert TestClient(app, cookies={"densealign_session": cookie}).get("/api/v1/me").json()["name"] == "ivan"
