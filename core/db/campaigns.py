@@ -120,7 +120,7 @@ def start_campaign(
     return row
 
 
-def _running_of(version: int, baseline: int) -> Select[tuple[EvalCampaign]]:
+def _running_of(version: int, baseline: int) -> Select[EvalCampaign]:
     return select(EvalCampaign).where(
         EvalCampaign.version == version,
         EvalCampaign.baseline_version == baseline,
