@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from app.charts import bar_chart, line_chart
 from app.deps import SessionDep, SettingsDep, check_csrf, cookie_labeller
 from app.errors import status_for
+from app.routes.evaluations import evaluation_panel
 from app.routes.labellers import invite_url
 from app.routes.pages import render
 from app.routes.stats import collect_stats
@@ -70,6 +71,7 @@ def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> R
         rate_chart=bar_chart(stats.labels_per_hour),
         processes=processes,
         sampler_backlog=backlog,
+        **evaluation_panel(session, settings),
     )
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
 
+from fastapi import APIRouter
+from sqlalchemy.orm import Session
+
+from app.charts import interval_chart
 from app.deps import CurrentAdmin, CurrentLabeller, SessionDep
 from app.schemas import (
     CampaignCreate,
@@ -15,6 +19,7 @@ from app.schemas import (
 )
 from core.db.campaigns import (
     campaign_results,
+    eval_prompt_ids,
     get_campaign,
     list_campaigns,
     start_campaign,
@@ -24,6 +29,7 @@ from core.db.campaigns import (
 from core.db.models import EvalCampaign
 from core.db.policies import get_policy_version
 from core.eval_stats import Score, WinRate
+from core.settings import Settings
 
 router = APIRouter(tags=["evaluations"])
 
@@ -132,3 +138,22 @@ def version_evaluation(
         campaigns=[campaign_public(row, results[row.id]) for row in rows],
         score=score_public(score) if score else None,
     )
+
+
+def evaluation_panel(session: Session, settings: Settings) -> dict[str, Any]:
+    """What the dashboard shows of the campaigns: a chart, a table of each, and scores per version."""
+    rows = list_campaigns(session=session)
+    results = campaign_results(session=session, campaigns=rows)
+    campaigns = [campaign_public(row, results[row.id]) for row in reversed(rows)]
+    chart_rows = [
+        (f"v{c.version} vs v{c.baseline_version} (#{c.id})", c.win_rate, c.low, c.high)
+        for c in reversed(campaigns)
+        if c.votes
+    ]
+    return {
+        "eval_campaigns": campaigns,
+        "eval_chart": interval_chart(chart_rows),
+        "eval_scores": [score_public(s) for s in version_scores(session=session)],
+        "eval_prompts": len(eval_prompt_ids(session=session, split="eval")),
+        "eval_settings": settings.eval,
+    }

@@ -171,3 +171,44 @@ def test_admin_starts_and_stops_campaigns(
     assert admin_client.post(f"/api/v1/evaluations/{campaign['id']}/stop").status_code == 409
     assert [c["status"] for c in admin_client.get("/api/v1/evaluations").json()] == ["stopped"]
     assert admin_client.get("/api/v1/evaluations/999999").status_code == 404
+
+
+def test_dashboard_charts_campaigns_and_the_forms_work(
+    client: TestClient,
+    session: Session,
+    make_campaign: Callable[[int], EvalCampaign],
+    as_labeller: Callable[..., tuple[TestClient, Labeller]],
+) -> None:
+    from tests.app.test_pages import _accept_invite, _csrf
+
+    _accept_invite(client, session, name="root", role="admin")
+    empty = client.get("/admin")
+    assert "no evaluation votes yet" in empty.text and 'id="eval-no-prompts"' not in empty.text
+    campaign = make_campaign(8)
+    labeller_client, _ = as_labeller()
+    assert run_labeller(labeller_client, noise=0.0, seed=0) == 8
+    page = client.get("/admin").text
+    assert f"<title>v1 vs v0 (#{campaign.id}): 100% [" in page
+    assert "version 1 is preferred to version 0: 100% of 8 votes" in page
+    assert '<table id="eval-scores">' in page
+    # start a campaign of version 1 against itself from the form, then stop it
+    csrf = _csrf(page)
+    form = {
+        "csrf": csrf,
+        "version": "1",
+        "baseline_version": "1",
+        "target_votes": "20",
+        "prompt_split": "eval",
+    }
+    started = client.post("/admin/evaluations", data=form, follow_redirects=False)
+    assert started.status_code == 303 and started.headers["location"] == "/admin#evaluation"
+    (running,) = [c for c in client.get("/api/v1/evaluations").json() if c["status"] == "running"]
+    assert (running["version"], running["baseline_version"], running["target_votes"]) == (1, 1, 20)
+    refused = client.post("/admin/evaluations", data={**form, "prompt_split": "train"})
+    assert refused.status_code == 422 and "no active prompts of split &#39;train&#39;" in refused.text
+    stopped = client.post(
+        f"/admin/evaluations/{running['id']}/stop", data={"csrf": csrf}, follow_redirects=False
+    )
+    assert stopped.status_code == 303
+    assert client.get(f"/api/v1/evaluations/{running['id']}").json()["status"] == "stopped"
+    assert client.post(f"/admin/evaluations/{running['id']}/stop", data={"csrf": "wrong"}).status_code == 403
