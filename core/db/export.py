@@ -40,6 +40,10 @@ def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[s
             traj_b.seed,
             traj_a.sampler,
             traj_b.sampler,
+            Pair.kind,
+            Pair.campaign_id,
+            traj_a.policy_version,
+            traj_b.policy_version,
         )
         .join(Pair, Pair.id == Judgement.pair_id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
@@ -67,4 +71,9 @@ def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[s
             "seed_b": row[15],
             "sampler_a": row[16] or {},
             "sampler_b": row[17] or {},
+            # 'eval': a vote of a human evaluation campaign (side a and b are two versions, from one seed)
+            "kind": row[18],
+            "campaign_id": row[19],
+            "policy_version_a": row[20],
+            "policy_version_b": row[21],
         }

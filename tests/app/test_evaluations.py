@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Callable
 
@@ -96,6 +97,12 @@ def test_a_labeller_that_prefers_the_version_shows_it_wins(
     assert (body["votes"], body["wins"], body["status"]) == (40, 40, "done")
     assert body["low"] > 0.5 and body["verdict"] == "better"
     assert body["summary"].startswith("version 1 is preferred to version 0: 100% of 40 votes")
+    admin, _ = as_labeller("admin")
+    rows = [json.loads(line) for line in admin.get("/api/v1/export").text.splitlines()]
+    assert [(r["kind"], r["campaign_id"]) for r in rows] == [("eval", campaign.id)] * 40
+    assert all(
+        {r["policy_version_a"], r["policy_version_b"]} == {0, 1} and r["seed_a"] == r["seed_b"] for r in rows
+    )
     scores = {s["version"]: s for s in client.get("/api/v1/evaluations/scores").json()}
     assert scores[0]["score"] == 0.0 and scores[1]["low"] > 0 and scores[1]["win_rate_vs_base"] > 0.9
 
