@@ -72,6 +72,13 @@ def build_settings(args: argparse.Namespace) -> Any:
             "poll_seconds": 2.0,
         },
         pool={"target_per_prompt": 2, "tick_seconds": 5.0},  # type: ignore[arg-type]
+        # Every published version is put to a blind vote against version 0 by whoever labels (the oracle
+        # too), so the dashboard's evaluation chart fills in while the demo runs.
+        eval={  # type: ignore[arg-type]
+            "share": args.eval_share,
+            "auto_votes": args.eval_votes,
+            "prompt_split": args.eval_prompts,
+        },
     )
 
 
@@ -125,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         "--prompts", type=int, default=8, help="training prompts (of 20): fewer learn faster per label"
     )
     parser.add_argument("--eval-seeds", type=int, default=6, help="held-out seeds per prompt for the judge")
+    parser.add_argument(
+        "--eval-votes", type=int, default=60, help="human-evaluation votes per published version (0 = none)"
+    )
+    parser.add_argument(
+        "--eval-share", type=float, default=0.2, help="share of served pairs that are evaluation pairs"
+    )
+    parser.add_argument(
+        "--eval-prompts",
+        choices=("eval", "train"),
+        default="eval",
+        help="evaluate on the held-out prompts (eval) or the trained ones (train)",
+    )
     parser.add_argument(
         "--exit-after-versions", type=int, default=None, help="stop once this many are published"
     )

@@ -50,6 +50,11 @@ def test_demo_runs_one_round_headless(tmp_path: Path, caplog: pytest.LogCaptureF
     v0_train = float(re.search(r"judge score ([0-9.]+) on the 8 trained prompts", v0_line).group(1))  # type: ignore[union-attr]
     assert abs(metrics["judge_score_train"] - v0_train - metrics["judge_gain_train"]) < 1e-3
     assert metrics["judge_gain_train_se"] >= 0.0 and "judge_gain_held_out" in metrics
+    # publishing version 1 put it to a blind vote against version 0 on the held-out prompts
+    campaigns = db.execute(
+        "SELECT version, baseline_version, origin, prompt_split, target_votes FROM eval_campaigns"
+    )
+    assert campaigns.fetchall() == [(1, 0, "publish", "eval", 60)]
     judged = db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
     assert judged >= 4
     assert any("pairs are ready after" in r.getMessage() for r in caplog.records)
