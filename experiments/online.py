@@ -111,6 +111,8 @@ def run_cell(
                 "min_new_pairs": 1, "steps_per_round": args.round_steps,
                 "pairs_per_step": 4, "checkpoint_every": 1000, "seed": seed, "max_version_lag": 0,
             },
+            # each published version is put to a blind vote against version 0 on the held-out prompts
+            eval={"auto_votes": args.human_eval_votes, "prompt_split": "eval"},  # type: ignore[arg-type]
         )  # fmt: skip
         train, held_out = demo_prompts()
         train = pick_prompts(train, args.prompts)
@@ -175,9 +177,57 @@ def run_cell(
                              "tie_margin": args.tie_margin, "device": args.device, "commit": COMMIT},
                 "wall_s": time.perf_counter() - started,
             }  # fmt: skip
+            if round_index > 0 and args.human_eval_votes > 0:
+                row["human_eval"] = human_evaluation(sampler, client, token, args, noise, seed, round_index)
             print(json.dumps(row), flush=True)
             yield row
         client.close()
+
+
+def human_evaluation(
+    sampler: Any, client: Any, token: str, args: argparse.Namespace, noise: float, seed: int, version: int
+) -> dict[str, Any]:
+    """The product's human-side measure for `version`: its campaign against version 0 (started when it
+    was published) gets its pairs sampled by the worker's evaluation path and voted on through the
+    REST API by the same programmatic labeller; returns the campaign's win rate and interval.
+
+    Seeds for these pairs come from a source of their own and the votes touch no training pair, so a
+    cell's judge rows are the same with and without this measure."""
+    from app.label import label_loop
+    from core.db.campaigns import campaign_results, eval_prompt_ids, list_campaigns
+
+    with sampler.sessions() as session:
+        (campaign,) = [c for c in list_campaigns(session=session, version=version) if c.status == "running"]
+        prompts = eval_prompt_ids(session=session, split=campaign.prompt_split)
+    training_seeds, sampler.seed_source = sampler.seed_source, random.Random(seed * 1000 + version + 500_000)
+    try:
+        wanted = [prompts[i % len(prompts)] for i in range(campaign.target_votes)]
+        for start in range(0, len(wanted), args.pairs_per_job):
+            sampler.sample_eval_pairs(campaign.id, wanted[start : start + args.pairs_per_job])
+    finally:
+        sampler.seed_source = training_seeds
+    votes = label_loop(
+        base_url="",
+        token=token,
+        client=client,
+        preference=args.judge,
+        noise=noise,
+        seed=seed * 1000 + version + 500_000,
+        idle_wait=0.0,
+        name="experiment-eval",
+        tie_margin=args.tie_margin,
+    )
+    with sampler.sessions() as session:
+        result = campaign_results(session=session, campaigns=[campaign])[campaign.id]
+    assert result.votes == votes, f"{votes} labels given, {result.votes} votes counted"
+    return {
+        "votes": result.votes,
+        "win_rate": result.rate,
+        "low": result.low,
+        "high": result.high,
+        "verdict": result.verdict,
+        "prompts": result.prompts,
+    }
 
 
 def cell_argv(
@@ -272,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="the labeller says 'tie' on closer scores (default 1e-3)",
+    )
+    parser.add_argument(
+        "--human-eval-votes",
+        type=int,
+        default=0,
+        help="after each round, votes of a blind evaluation campaign vs version 0 on held-out prompts",
     )
     parser.add_argument("--model", default=str(ROOT / "models" / "densealign-shapes"))
     parser.add_argument("--device", default="cpu", help="torch device for sampling and training (cpu, cuda)")
