@@ -65,6 +65,7 @@ def build_trainer(
             compare_with=settings.eval.compare_with,
             judgements_per_pair=settings.eval.judgements_per_pair,
             prompt_split=settings.eval.prompt_split,
+            promote_if_wins=settings.eval.promote_if_wins,
         ),
     )
 

@@ -350,12 +350,21 @@ class Trainer:
                 lora_key=lora_key,
                 lora_sha256=sha,
                 metrics=metrics,
-                make_current=True,
+                # with the gate on, the version's campaign makes it current if people prefer it
+                make_current=self.auto_evaluation is None or not self.auto_evaluation.promote_if_wins,
             )
             if self.auto_evaluation is not None:
                 campaign = start_on_publish(
                     session=session, version=version, parent_version=base_version, auto=self.auto_evaluation
                 )
+                if campaign is None and self.auto_evaluation.promote_if_wins:
+                    logger.warning(
+                        "version %d stays published but not current: the gate (DENSEALIGN_EVAL__PROMOTE_IF_WINS) "
+                        "needs a campaign, and none could start (no active prompts of split %r, or no votes "
+                        "asked); start one on the dashboard or make the version current by hand",
+                        version,
+                        self.auto_evaluation.prompt_split,
+                    )
                 if campaign is not None:
                     logger.info(
                         "evaluation campaign %d: version %d vs %d, %d votes wanted",

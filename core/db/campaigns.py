@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, aliased
 from core.db.base import utcnow
 from core.db.errors import Conflict, InvalidInput, NotFound, PairInvalid
 from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, Prompt, Trajectory
-from core.db.policies import get_policy_version
+from core.db.policies import get_current_policy, get_policy_version, set_current_policy
 from core.eval_stats import Score, Vote, WinRate, bradley_terry, win_rate
 
 
@@ -54,6 +54,8 @@ class AutoEvaluation:
     compare_with: str = "base"  # 'base' or 'previous'
     judgements_per_pair: int = 1
     prompt_split: str = "eval"
+    # The gate: publish without making current, compare with the current version, promote on a win.
+    promote_if_wins: bool = False
 
 
 def eval_prompt_ids(*, session: Session, split: str) -> list[int]:
@@ -75,6 +77,7 @@ def start_campaign(
     prompt_split: str = "eval",
     origin: str = "admin",
     created_by_id: int | None = None,
+    promote_on_win: bool = False,
 ) -> EvalCampaign:
     """Start a campaign of `version` against `baseline_version` (the same version is allowed: an A/A
     test, whose win rate should sit at 50%)."""
@@ -110,6 +113,7 @@ def start_campaign(
         origin=origin,
         created_by_id=created_by_id,
         created_at=utcnow(),
+        promote_on_win=promote_on_win,
     )
     try:
         with session.begin_nested():
@@ -132,10 +136,16 @@ def start_on_publish(
     *, session: Session, version: int, parent_version: int | None, auto: AutoEvaluation
 ) -> EvalCampaign | None:
     """The automatic campaign for a just-published version, or None when there is nothing to start
-    (auto off, no prompts to evaluate on, the comparison version is the version itself)."""
+    (auto off, no prompts to evaluate on, the comparison version is the version itself).
+
+    With the gate on, the comparison is the current version (the one the new version would
+    replace), and the campaign promotes the new version if it wins (`finish_if_reached`)."""
     if auto.votes < 1:
         return None
-    baseline = 0 if auto.compare_with == "base" or parent_version is None else parent_version
+    if auto.promote_if_wins:
+        baseline = get_current_policy(session=session).version
+    else:
+        baseline = 0 if auto.compare_with == "base" or parent_version is None else parent_version
     if baseline == version or not eval_prompt_ids(session=session, split=auto.prompt_split):
         return None
     return start_campaign(
@@ -146,6 +156,7 @@ def start_on_publish(
         judgements_per_pair=auto.judgements_per_pair,
         prompt_split=auto.prompt_split,
         origin="publish",
+        promote_on_win=auto.promote_if_wins,
     )
 
 
@@ -212,7 +223,33 @@ def finish_if_reached(*, session: Session, campaign_id: int) -> bool:
     ).scalar_one_or_none()
     session.flush()
     session.refresh(row)
+    if ended is not None and row.promote_on_win:
+        row.promotion = _promote_if_won(session, row)
+        session.flush()
     return ended is not None
+
+
+def _promote_if_won(session: Session, campaign: EvalCampaign) -> str:
+    """The gate's decision at the end of a campaign, applied; returns it as a sentence."""
+    result = win_rate(campaign_votes(session=session, campaign_ids=[campaign.id]))
+    current = get_current_policy(session=session).version
+    figures = (
+        f"{result.rate:.0%} of {result.votes} votes, 95% interval {result.low:.0%} to {result.high:.0%}"
+        if result.rate is not None and result.low is not None and result.high is not None
+        else "no votes"
+    )
+    if result.verdict != "better":
+        return (
+            f"not promoted: people did not clearly prefer version {campaign.version} to version "
+            f"{campaign.baseline_version} ({figures})"
+        )
+    if current != campaign.baseline_version:
+        return (
+            f"not promoted: it beat version {campaign.baseline_version} ({figures}), but version {current} "
+            "has become current since; start a campaign against it"
+        )
+    set_current_policy(session=session, version=campaign.version)
+    return f"promoted: version {campaign.version} beat version {campaign.baseline_version} ({figures})"
 
 
 def campaign_votes(*, session: Session, campaign_ids: Sequence[int] | None = None) -> list[Vote]:

@@ -207,6 +207,9 @@ class EvalCampaign(Base):
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("labellers.id"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The gate (Settings.eval.promote_if_wins): make `version` current if it wins, and what happened.
+    promote_on_win: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    promotion: Mapped[str | None] = mapped_column(String(500))
 
 
 class Judgement(Base):

@@ -36,6 +36,8 @@ def upgrade() -> None:
         sa.Column("created_by_id", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("promote_on_win", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+        sa.Column("promotion", sa.String(length=500), nullable=True),
         sa.CheckConstraint("status IN ('running', 'done', 'stopped')", name=op.f("ck_eval_campaigns_status")),
         sa.CheckConstraint("origin IN ('publish', 'admin')", name=op.f("ck_eval_campaigns_origin")),
         sa.CheckConstraint("prompt_split IN ('train', 'eval')", name=op.f("ck_eval_campaigns_prompt_split")),

@@ -26,7 +26,7 @@ from core.db.errors import InvalidInput, PairInvalid
 from core.db.judgements import record_judgement
 from core.db.models import EvalCampaign, Labeller, Pair, PolicyVersion, Prompt, Trajectory
 from core.db.pairs import create_trajectory
-from core.db.policies import publish_policy_version
+from core.db.policies import get_current_policy, publish_policy_version, set_current_policy
 from core.db.prompts import add_prompt
 from core.db.training import fresh_pair_groups, preference_pairs, record_round_pairs, start_training_round
 
@@ -265,3 +265,65 @@ def test_pairs_wanted_stops_at_the_votes_still_missing(
         eval_pair(session, campaign, eval_prompts[i % 3].id, rng)
     assert pairs_wanted(session=session, campaign=campaign, pool_pairs=8, queued=0) == 2
     assert pairs_wanted(session=session, campaign=campaign, pool_pairs=8, queued=2) == 0
+
+
+@pytest.mark.parametrize(("outcome", "promoted"), [("win", True), ("loss", False)])
+def test_the_gate_promotes_a_version_only_when_people_prefer_it(
+    session: Session,
+    versions: tuple[int, int],
+    eval_prompts: list[Prompt],
+    make_labeller: Callable[..., tuple[Labeller, str]],
+    outcome: str,
+    promoted: bool,
+) -> None:
+    # version 2 published by a gated trainer: not current; its campaign compares it with the current (1)
+    set_current_policy(session=session, version=1)
+    publish_policy_version(
+        session=session, version=2, parent_version=1, lora_key="l/2", lora_sha256="2" * 64, make_current=False
+    )
+    gate = AutoEvaluation(votes=8, promote_if_wins=True)
+    campaign = start_on_publish(session=session, version=2, parent_version=1, auto=gate)
+    assert campaign is not None and (campaign.baseline_version, campaign.promote_on_win) == (1, True)
+    rng = random.Random(4)
+    for i in range(8):
+        eval_pair(session, campaign, eval_prompts[i % 3].id, rng)
+    labeller = make_labeller()[0]
+    for _ in range(8):
+
+        def choose(pair: Pair) -> str:
+            ours = version_side(session, pair)
+            return ours if outcome == "win" else ("b" if ours == "a" else "a")
+
+        judge(session, labeller, choose)
+    session.refresh(campaign)
+    assert campaign.status == "done"
+    assert get_current_policy(session=session).version == (2 if promoted else 1)
+    assert campaign.promotion is not None
+    if promoted:
+        assert campaign.promotion.startswith("promoted: version 2 beat version 1 (100% of 8 votes")
+    else:
+        assert campaign.promotion.startswith(
+            "not promoted: people did not clearly prefer version 2 to version 1 (0% of 8"
+        )
+
+
+def test_the_gate_does_not_promote_over_a_newer_current_version(
+    session: Session,
+    versions: tuple[int, int],
+    eval_prompts: list[Prompt],
+    make_labeller: Callable[..., tuple[Labeller, str]],
+) -> None:
+    campaign = start_campaign(
+        session=session, version=1, baseline_version=0, target_votes=8, promote_on_win=True
+    )
+    set_current_policy(session=session, version=0)
+    rng = random.Random(9)
+    for i in range(8):
+        eval_pair(session, campaign, eval_prompts[i % 3].id, rng)
+    publish_policy_version(session=session, version=2, parent_version=0, lora_key="l/2", lora_sha256="2" * 64)
+    labeller = make_labeller()[0]
+    for _ in range(8):
+        judge(session, labeller, lambda pair: version_side(session, pair))
+    session.refresh(campaign)
+    assert get_current_policy(session=session).version == 2
+    assert campaign.promotion is not None and "version 2 has become current since" in campaign.promotion
