@@ -15,8 +15,8 @@ from app.errors import install_error_handlers
 from app.middleware import BodySizeLimit
 from app.ratelimit import TokenBucket
 from app.refill import PoolRefiller
+from app.responses import DB_DOWN, INVALID, Responses
 from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
-from app.schemas import ValidationErrorPublic
 from core.db.engine import make_engine, make_session_factory
 from core.settings import Settings
 from core.storage import BlobStore, LocalBlobStore
@@ -24,10 +24,9 @@ from core.storage import BlobStore, LocalBlobStore
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 API_PREFIX = "/api/v1"
-# The shape app.errors really answers 422 with (FastAPI's default documents a list under `detail`).
-API_RESPONSES: dict[int | str, dict[str, object]] = {
-    422: {"model": ValidationErrorPublic, "description": "The request's data is invalid; `detail` says why."}
-}
+# What any API route may answer: 422 in the shape app.errors sends it (FastAPI's default documents a
+# list under `detail`), and 503 while the database is away. Routes add their own (app.responses).
+API_RESPONSES: Responses = INVALID | DB_DOWN
 
 
 class MissingSecretKey(RuntimeError):

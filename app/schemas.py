@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 Choice = Literal["a", "b", "tie", "skip"]
 Side = Literal["a", "b"]
@@ -16,6 +16,54 @@ Role = Literal["annotator", "admin"]
 MAX_ID = 2**31 - 1
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 VersionPath = Annotated[int, Path(ge=0, le=MAX_ID)]
+
+
+def decimal_range_pattern(high: int) -> str:
+    """A regular expression (unanchored) for the integers 1..`high` written without leading zeros.
+
+    For string parameters that carry ids, so the schema says exactly which values the app takes.
+    """
+    digits = str(high)
+    # Fewer digits than `high`: anything not starting with 0.
+    options = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    # As many digits: `high`'s first i digits, a smaller digit, then any digits.
+    for i, digit in enumerate(digits):
+        low = 1 if i == 0 else 0
+        top = int(digit) - 1
+        if top >= low:
+            rest = len(digits) - i - 1
+            smaller = str(low) if top == low else f"[{low}-{top}]"
+            options.append(digits[:i] + smaller + (f"[0-9]{{{rest}}}" if rest else ""))
+    options.append(digits)
+    return "(?:" + "|".join(options) + ")"
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("true/false is not a number")
+    return value
+
+
+# Request numbers as the schema types them: pydantic's lax mode reads JSON true as 1 (and, for
+# booleans, 0 as false), which the schema calls invalid. 2.0 stays a valid integer, as in JSON Schema.
+BodyInt = Annotated[int, BeforeValidator(_not_a_bool)]
+BodyBool = StrictBool
+
+# Pair ids separated by commas (no spaces), or nothing: GET /pairs/next?exclude=12,15.
+ID_LIST_PATTERN = f"^(?:{decimal_range_pattern(MAX_ID)}(?:,{decimal_range_pattern(MAX_ID)})*)?$"
+# What core.db.prompts accepts: no NUL, and a character that Python's str.split() does not count as
+# white space. In the schema only, so a bad text keeps core's readable message (still a 422).
+_PY_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+PROMPT_TEXT_PATTERN = rf"^[^\x00]*[^\x00{_PY_SPACE}][^\x00]*$"
+PromptText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2000,
+        json_schema_extra={"pattern": PROMPT_TEXT_PATTERN},
+        description="The prompt the workers sample images for; runs of white space become one space.",
+    ),
+]
 
 
 class Public(BaseModel):
@@ -47,15 +95,15 @@ class HealthPublic(BaseModel):
 
 class PromptCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, max_length=2000, description="The prompt the workers sample images for.")
+    text: PromptText
     split: Split = "train"
 
 
 class PromptUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(default=None, min_length=1, max_length=2000)
+    text: PromptText | None = None
     split: Split | None = None
-    active: bool | None = None
+    active: BodyBool | None = None
 
 
 class PromptPublic(Public):
@@ -148,7 +196,7 @@ class PairPublic(BaseModel):
 
 class JudgementCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    pair_id: int = Field(ge=1, le=MAX_ID)
+    pair_id: BodyInt = Field(ge=1, le=MAX_ID)
     choice: Choice = Field(description="'a' or 'b' (the preferred trajectory), 'tie', or 'skip'.")
     client_key: str = Field(
         min_length=8,
@@ -156,7 +204,7 @@ class JudgementCreate(BaseModel):
         pattern=r"^[A-Za-z0-9_-]+$",
         description="A fresh random key per judgement (e.g. a UUID); resend the same key only to retry.",
     )
-    decide_ms: int | None = Field(default=None, ge=0, le=86_400_000, description="Time to decide, in ms.")
+    decide_ms: BodyInt | None = Field(default=None, ge=0, le=86_400_000, description="Time to decide, in ms.")
 
 
 class JudgementPublic(Public):
@@ -188,7 +236,7 @@ class PolicyVersionPublic(Public):
 
 class CurrentPolicyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(
+    version: BodyInt = Field(
         ge=0, le=MAX_ID, description="The version workers should sample with (older = rollback)."
     )
 
@@ -227,7 +275,7 @@ class InvitePublic(BaseModel):
 
 class LabellerUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    active: bool | None = Field(
+    active: BodyBool | None = Field(
         default=None, description="false deactivates (ending their sessions and token use); true reactivates."
     )
     role: Role | None = Field(default=None, description="'admin' promotes, 'annotator' demotes.")
@@ -239,3 +287,4 @@ class LabellerPublic(Public):
     role: str
     active: bool
     created_at: dt.datetime
+

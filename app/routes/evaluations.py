@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.charts import interval_chart
 from app.deps import CurrentAdmin, CurrentLabeller, SessionDep
+from app.responses import ADMIN, AUTH, BEARER, NOT_FOUND, WRITE, error
 from app.schemas import (
     CampaignCreate,
     CampaignPublic,
@@ -31,7 +32,7 @@ from core.db.policies import get_policy_version
 from core.eval_stats import Score, WinRate
 from core.settings import Settings
 
-router = APIRouter(tags=["evaluations"])
+router = APIRouter(tags=["evaluations"], dependencies=[BEARER])
 
 
 def describe(campaign: EvalCampaign, result: WinRate) -> str:
@@ -79,7 +80,7 @@ def score_public(score: Score) -> VersionScorePublic:
     )
 
 
-@router.get("/evaluations", response_model=list[CampaignPublic])
+@router.get("/evaluations", response_model=list[CampaignPublic], responses=AUTH)
 def list_evaluations(session: SessionDep, _: CurrentLabeller) -> list[CampaignPublic]:
     """Every evaluation campaign, oldest first, with its votes and win rate."""
     rows = list_campaigns(session=session)
@@ -87,7 +88,15 @@ def list_evaluations(session: SessionDep, _: CurrentLabeller) -> list[CampaignPu
     return [campaign_public(row, results[row.id]) for row in rows]
 
 
-@router.post("/evaluations", response_model=CampaignPublic, status_code=201)
+@router.post(
+    "/evaluations",
+    response_model=CampaignPublic,
+    status_code=201,
+    responses=ADMIN
+    | {404: error("No such version (or baseline version).")}
+    | {409: error("A campaign of the same two versions is running.")}
+    | WRITE,
+)
 def create_evaluation(body: CampaignCreate, session: SessionDep, admin: CurrentAdmin) -> CampaignPublic:
     """Start a blind evaluation of `version` against `baseline_version` (admin)."""
     row = start_campaign(
@@ -104,19 +113,23 @@ def create_evaluation(body: CampaignCreate, session: SessionDep, admin: CurrentA
     return campaign_public(row, campaign_results(session=session, campaigns=[row])[row.id])
 
 
-@router.get("/evaluations/scores", response_model=list[VersionScorePublic])
+@router.get("/evaluations/scores", response_model=list[VersionScorePublic], responses=AUTH)
 def evaluation_scores(session: SessionDep, _: CurrentLabeller) -> list[VersionScorePublic]:
     """A Bradley-Terry score per version from all campaigns' votes (version 0 = 0), with intervals."""
     return [score_public(s) for s in version_scores(session=session)]
 
 
-@router.get("/evaluations/{campaign_id}", response_model=CampaignPublic)
+@router.get("/evaluations/{campaign_id}", response_model=CampaignPublic, responses=AUTH | NOT_FOUND)
 def read_evaluation(campaign_id: IdPath, session: SessionDep, _: CurrentLabeller) -> CampaignPublic:
     row = get_campaign(session=session, campaign_id=campaign_id)
     return campaign_public(row, campaign_results(session=session, campaigns=[row])[row.id])
 
 
-@router.post("/evaluations/{campaign_id}/stop", response_model=CampaignPublic)
+@router.post(
+    "/evaluations/{campaign_id}/stop",
+    response_model=CampaignPublic,
+    responses=ADMIN | NOT_FOUND | {409: error("The campaign is not running.")} | WRITE,
+)
 def stop_evaluation(campaign_id: IdPath, session: SessionDep, _: CurrentAdmin) -> CampaignPublic:
     """End a running campaign now (admin); its votes are kept."""
     row = stop_campaign(session=session, campaign_id=campaign_id)
@@ -124,7 +137,9 @@ def stop_evaluation(campaign_id: IdPath, session: SessionDep, _: CurrentAdmin) -
     return campaign_public(row, campaign_results(session=session, campaigns=[row])[row.id])
 
 
-@router.get("/policies/{version}/evaluation", response_model=VersionEvaluationPublic)
+@router.get(
+    "/policies/{version}/evaluation", response_model=VersionEvaluationPublic, responses=AUTH | NOT_FOUND
+)
 def version_evaluation(
     version: VersionPath, session: SessionDep, _: CurrentLabeller
 ) -> VersionEvaluationPublic:

@@ -7,15 +7,17 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentAdmin, SessionDep, SettingsDep
+from app.responses import ADMIN, BEARER
 from core.db.export import iter_judged_pairs
 
-router = APIRouter(tags=["export"])
+router = APIRouter(tags=["export"], dependencies=[BEARER])
 
 
 @router.get(
     "/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}}, "description": "One judgement per line."}},
+    responses={200: {"content": {"application/x-ndjson": {}}, "description": "One judgement per line."}}
+    | ADMIN,
 )
 def export(session: SessionDep, settings: SettingsDep, _: CurrentAdmin) -> StreamingResponse:
     """Every judgement as JSON lines: prompt, image URLs, choice, labeller id, policy version, and per

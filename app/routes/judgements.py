@@ -4,22 +4,26 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import CurrentLabeller, SessionDep, SettingsDep
 from app.ratelimit import RateLimitedLabeller
+from app.responses import AUTH, BEARER, RATE_LIMITED, WRITE, error
 from app.routes.pairs import assignment_public
-from app.schemas import ErrorPublic, IdPath, JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
+from app.schemas import IdPath, JudgementCreate, JudgementPublic, MePublic, PairAssignmentPublic
 from core.db.judgements import record_judgement, undo_judgement
 from core.db.stats import labeller_progress
 
-router = APIRouter(tags=["judgements"])
+router = APIRouter(tags=["judgements"], dependencies=[BEARER])
 
 
 @router.post(
     "/judgements",
     response_model=JudgementPublic,
     status_code=201,
-    responses={
-        200: {"description": "A repeat of an earlier request with the same client_key."},
-        429: {"model": ErrorPublic, "description": "Too many judgements; retry after `Retry-After` seconds."},
-    },
+    responses={200: {"model": JudgementPublic, "description": "A repeat of an earlier client_key's request."}}
+    | AUTH
+    | {403: error("The pair is not leased to you, or a session cookie's X-CSRF-Token is missing or wrong.")}
+    | {404: error("The pair does not exist.")}
+    | {409: error("You judged the pair already, it is complete, or the client_key was used for another.")}
+    | RATE_LIMITED
+    | WRITE,
 )
 def create_judgement(
     body: JudgementCreate,
@@ -45,7 +49,15 @@ def create_judgement(
     return JudgementPublic.model_validate(recorded.judgement)
 
 
-@router.delete("/judgements/{judgement_id}", response_model=PairAssignmentPublic)
+@router.delete(
+    "/judgements/{judgement_id}",
+    response_model=PairAssignmentPublic,
+    responses=AUTH
+    | {403: error("The undo window has passed, or a session cookie's X-CSRF-Token is missing or wrong.")}
+    | {404: error("No such judgement of yours.")}
+    | {409: error("Someone else is judging the pair right now.")}
+    | WRITE,
+)
 def undo(
     judgement_id: IdPath,
     request: Request,
@@ -65,7 +77,7 @@ def undo(
     return assignment_public(request, assignment)
 
 
-@router.get("/me", response_model=MePublic, tags=["labellers"])
+@router.get("/me", response_model=MePublic, tags=["labellers"], responses=AUTH)
 def me(session: SessionDep, labeller: CurrentLabeller) -> MePublic:
     """Who you are and how many judgements you made today (UTC) and in total."""
     progress = labeller_progress(session=session, labeller_id=labeller.id)

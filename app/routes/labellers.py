@@ -5,17 +5,23 @@ import datetime as dt
 from fastapi import APIRouter
 
 from app.deps import CurrentAdmin, SessionDep, SettingsDep
+from app.responses import ADMIN, BEARER, NOT_FOUND, WRITE, error
 from app.schemas import IdPath, InviteCreate, InvitePublic, LabellerPublic, LabellerUpdate
 from core.db.labellers import create_invite, list_labellers, update_labeller
 
-router = APIRouter(tags=["labellers"])
+router = APIRouter(tags=["labellers"], dependencies=[BEARER])
 
 
 def invite_url(settings: SettingsDep, secret: str) -> str:
     return f"{settings.public_base_url.rstrip('/')}/invite/{secret}"
 
 
-@router.post("/invites", response_model=InvitePublic, status_code=201)
+@router.post(
+    "/invites",
+    response_model=InvitePublic,
+    status_code=201,
+    responses=ADMIN | {409: error("A labeller with that name exists.")} | WRITE,
+)
 def invite(
     body: InviteCreate, session: SessionDep, settings: SettingsDep, admin: CurrentAdmin
 ) -> InvitePublic:
@@ -33,12 +39,19 @@ def invite(
     )
 
 
-@router.get("/labellers", response_model=list[LabellerPublic])
+@router.get("/labellers", response_model=list[LabellerPublic], responses=ADMIN)
 def labellers(session: SessionDep, _: CurrentAdmin) -> list[LabellerPublic]:
     return [LabellerPublic.model_validate(row) for row in list_labellers(session=session)]
 
 
-@router.patch("/labellers/{labeller_id}", response_model=LabellerPublic)
+@router.patch(
+    "/labellers/{labeller_id}",
+    response_model=LabellerPublic,
+    responses=ADMIN
+    | NOT_FOUND
+    | {409: error("It would leave no active admin, or it changes your own admin rights.")}
+    | WRITE,
+)
 def change_labeller(
     labeller_id: IdPath, body: LabellerUpdate, session: SessionDep, admin: CurrentAdmin
 ) -> LabellerPublic:

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep, SettingsDep
+from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, NOT_FOUND
 from app.schemas import (
-    MAX_ID,
+    ID_LIST_PATTERN,
     IdPath,
     ImagePublic,
     NextPairPublic,
@@ -24,7 +26,7 @@ from core.db.errors import InvalidInput
 from core.db.models import Trajectory
 from core.db.pairs import pair_record, pair_trajectory
 
-router = APIRouter(prefix="/pairs", tags=["pairs"])
+router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[BEARER])
 EMPTY_POOL = "No pairs are waiting for you right now; new ones appear as the workers sample them."
 
 
@@ -47,24 +49,27 @@ def assignment_public(request: Request, assignment: Assignment) -> PairAssignmen
 
 
 def _parse_exclude(raw: str | None) -> list[int]:
-    if not raw:
+    """The pair ids in `exclude` (the first 50); its documented pattern is the whole check."""
+    if raw is None:
         return []
-    try:
-        ids = [int(part) for part in raw.split(",") if part.strip()][:50]
-    except ValueError:
-        ids = [-1]
-    if not all(1 <= i <= MAX_ID for i in ids):
+    if not re.fullmatch(ID_LIST_PATTERN, raw):
         raise InvalidInput(f"exclude={raw!r} must be comma-separated pair ids, e.g. exclude=12,15")
-    return ids
+    return [int(part) for part in raw.split(",") if part][:50]
 
 
-@router.get("/next", response_model=NextPairPublic)
+@router.get("/next", response_model=NextPairPublic, responses=AUTH)
 def get_next_pair(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     labeller: CurrentLabeller,
-    exclude: Annotated[str | None, Query(description="Pair ids the client already shows, e.g. 12,15")] = None,
+    exclude: Annotated[
+        str | None,
+        Query(
+            description="Pair ids the client already shows, e.g. 12,15",
+            json_schema_extra={"pattern": ID_LIST_PATTERN},
+        ),
+    ] = None,
 ) -> NextPairPublic:
     """Lease a pair to the caller (a short reservation), with left/right order chosen at random."""
     assignment = next_pair(
@@ -81,7 +86,7 @@ def get_next_pair(
     return NextPairPublic(pair=assignment_public(request, assignment))
 
 
-@router.get("/{pair_id}", response_model=PairPublic)
+@router.get("/{pair_id}", response_model=PairPublic, responses=ADMIN | NOT_FOUND)
 def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentAdmin) -> PairPublic:
     """A pair's sampling record: per side the seed, policy version, sampler settings, scheduler and
     base model the worker drew it with, enough to redraw the image in a stock diffusers pipeline."""
@@ -109,7 +114,15 @@ def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentA
     )
 
 
-@router.get("/{pair_id}/images/{side}", name="pair_image", response_class=Response)
+@router.get(
+    "/{pair_id}/images/{side}",
+    name="pair_image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The image."}}
+    | AUTH
+    | NOT_FOUND
+    | BLOB_CORRUPT,
+)
 def pair_image(
     pair_id: IdPath, side: Side, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller
 ) -> Response:

@@ -4,13 +4,16 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep
+from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, WRITE, error
 from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic, VersionPath
 from core.db.errors import BaseHasNoLora
 from core.db.models import PolicyVersion
 from core.db.policies import get_current_policy, get_policy_version, list_policy_versions, set_current_policy
 from core.storage import get_verified, verify_blob
 
-router = APIRouter(prefix="/policies", tags=["policies"])
+router = APIRouter(prefix="/policies", tags=["policies"], dependencies=[BEARER])
+# Only a database that `densealign migrate` never finished has versions but no current one.
+NO_CURRENT = {404: error("No version is current yet; run `densealign migrate`.")}
 
 
 def _public(row: PolicyVersion, current: int | None) -> PolicyVersionPublic:
@@ -19,20 +22,24 @@ def _public(row: PolicyVersion, current: int | None) -> PolicyVersionPublic:
     return public
 
 
-@router.get("", response_model=list[PolicyVersionPublic])
+@router.get("", response_model=list[PolicyVersionPublic], responses=AUTH | NO_CURRENT)
 def list_policies(session: SessionDep, _: CurrentLabeller) -> list[PolicyVersionPublic]:
     rows = list_policy_versions(session=session)
     current = get_current_policy(session=session).version if rows else None
     return [_public(row, current) for row in rows]
 
 
-@router.get("/current", response_model=PolicyVersionPublic)
+@router.get("/current", response_model=PolicyVersionPublic, responses=AUTH | NO_CURRENT)
 def current_policy(session: SessionDep, _: CurrentLabeller) -> PolicyVersionPublic:
     row = get_current_policy(session=session)
     return _public(row, row.version)
 
 
-@router.put("/current", response_model=PolicyVersionPublic)
+@router.put(
+    "/current",
+    response_model=PolicyVersionPublic,
+    responses=ADMIN | {404: error("No such version; list them with GET /api/v1/policies.")} | WRITE,
+)
 def set_current(body: CurrentPolicyUpdate, session: SessionDep, _: CurrentAdmin) -> PolicyVersionPublic:
     """Point workers at another published version (an older one rolls back)."""
     row = set_current_policy(session=session, version=body.version)
@@ -43,7 +50,18 @@ def set_current(body: CurrentPolicyUpdate, session: SessionDep, _: CurrentAdmin)
 @router.get(
     "/{version}/lora.safetensors",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The LoRA adapter."}},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The LoRA adapter.",
+            "headers": {
+                "X-Content-SHA256": {"description": "The file's sha256, hex.", "schema": {"type": "string"}}
+            },
+        }
+    }
+    | AUTH
+    | {404: error("No such version, or version 0 (the base model, which has no LoRA).")}
+    | BLOB_CORRUPT,
 )
 def download_lora(
     version: VersionPath, session: SessionDep, store: BlobStoreDep, _: CurrentLabeller

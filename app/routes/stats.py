@@ -4,11 +4,12 @@ from fastapi import APIRouter
 from sqlalchemy import func, select
 
 from app.deps import CurrentAdmin, SessionDep
+from app.responses import ADMIN, BEARER
 from app.schemas import LabellerStatsPublic, StatsPublic
 from core.db.models import Judgement, Pair
 from core.db.stats import labeller_stats, labels_per_hour, queue_depth
 
-router = APIRouter(tags=["stats"])
+router = APIRouter(tags=["stats"], dependencies=[BEARER])
 
 
 def collect_stats(session: SessionDep) -> StatsPublic:
@@ -21,7 +22,7 @@ def collect_stats(session: SessionDep) -> StatsPublic:
     )
 
 
-@router.get("/stats", response_model=StatsPublic)
+@router.get("/stats", response_model=StatsPublic, responses=ADMIN)
 def stats(session: SessionDep, _: CurrentAdmin) -> StatsPublic:
     """Queue depth, labels per hour, totals, and per-labeller counts, agreement and side bias."""
     return collect_stats(session)
