@@ -12,11 +12,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
 from app.errors import install_error_handlers
-from app.middleware import BodySizeLimit
+from app.middleware import BodySizeLimit, SecurityHeaders
 from app.ratelimit import TokenBucket
 from app.refill import PoolRefiller
 from app.responses import DB_DOWN, INVALID, Responses
-from app.routes import admin, export, health, judgements, labellers, pages, pairs, policies, prompts, stats
+from app.routes import (
+    admin,
+    docs,
+    export,
+    health,
+    judgements,
+    labellers,
+    pages,
+    pairs,
+    policies,
+    prompts,
+    stats,
+)
 from core.db.engine import make_engine, make_session_factory
 from core.settings import Settings
 from core.storage import BlobStore, LocalBlobStore
@@ -57,7 +69,7 @@ def create_app(
         version="1",
         summary="Online preference labelling for text-to-image diffusion models.",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served by app/routes/docs.py under its own Content-Security-Policy
         redoc_url=None,
     )
     app.state.settings = settings
@@ -67,6 +79,7 @@ def create_app(
     app.state.refiller = refiller
     app.state.login_limiter = TokenBucket(settings.login_rate_per_minute, settings.login_burst)
     app.state.judgement_limiter = TokenBucket(settings.judgement_rate_per_minute, settings.judgement_burst)
+    app.state.trusted_proxies = settings.trusted_proxies
     install_error_handlers(app)
     app.add_middleware(
         SessionMiddleware,
@@ -77,8 +90,10 @@ def create_app(
         https_only=settings.cookie_secure,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # added last, so it wraps the others: their 413s get headers too
     for module in (health, prompts, pairs, judgements, policies, stats, export, labellers):
         app.include_router(module.router, prefix=API_PREFIX, responses=API_RESPONSES)
+    app.include_router(docs.router, prefix=API_PREFIX)
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -4,14 +4,19 @@ Each key owns a bucket of `burst` tokens refilled at `per_minute / 60` tokens a 
 takes one token or is refused with 429 and a Retry-After header saying when the next token arrives.
 Buckets live in the serving process, so with N uvicorn workers a client can get up to N times the
 limit; that is enough to stop token guessing and runaway clients without a shared store.
+
+The client address is the TCP peer's, unless the peer is one of DENSEALIGN_TRUSTED_PROXIES: only then
+is X-Forwarded-For read (anyone can send that header, so believing it from any peer would give a
+guesser a fresh bucket per request).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -59,8 +64,35 @@ def too_many(what: str, wait: float, setting: str) -> HTTPException:
     )
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_trusted(address: str, proxies: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # not an address (a hostname, or garbage in the header): never a trusted proxy
+    return any(ip in network for network in proxies)
+
+
+def forwarded_client(peer: str, forwarded_for: list[str], proxies: Sequence[Network]) -> str:
+    """The client behind `peer`: `peer` itself unless it is a trusted proxy; then the right-most
+    X-Forwarded-For address that is not a trusted proxy (each proxy appends the address it saw, so
+    everything left of that one was written by the client and may be forged)."""
+    if not is_trusted(peer, proxies):
+        return peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, proxies):
+            return hop
+    return hops[0] if hops else peer  # every hop is a trusted proxy: the first is the client
+
+
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    if request.client is None:
+        return "unknown"
+    proxies: Sequence[Network] = request.app.state.trusted_proxies
+    return forwarded_client(request.client.host, request.headers.getlist("x-forwarded-for"), proxies)
 
 
 def limit_logins(request: Request) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from app.main import MissingSecretKey, create_app
 from app.refill import rq_refiller
 from core.db import make_engine, make_session_factory
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,18 @@ def factory() -> FastAPI:
     settings = get_settings()
     sessions = make_session_factory(make_engine(settings.database_url))
     return create_app(settings, session_factory=sessions, refiller=rq_refiller(settings, sessions))
+
+
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's reading of X-Forwarded-For/-Proto, limited to DENSEALIGN_TRUSTED_PROXIES.
+
+    By default uvicorn believes those headers from 127.0.0.1 and ::1 (FORWARDED_ALLOW_IPS) and
+    rewrites the client address to what they say, which would give anyone on this host a new login
+    rate-limit bucket per request; with no proxy configured it must not read them at all.
+    """
+    if not settings.trusted_proxies:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": [str(net) for net in settings.trusted_proxies]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            proxy_headers=True,
             log_level="warning",
+            **proxy_options(settings),
         )
     else:
-        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=True)
+        uvicorn.run(app, host=args.host, port=args.port, **proxy_options(settings))
     return 0

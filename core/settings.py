@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -177,6 +177,13 @@ class Settings(BaseSettings):
     )
     judgement_burst: int = Field(
         default=60, ge=1, description="Judgements a labeller may post at once before the rate applies."
+    )
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        default=(),
+        description='Reverse proxies in front of the app, as a JSON list of addresses or networks (e.g. '
+        '`["10.0.0.0/8"]`); only a request from one of them has its X-Forwarded-For believed, and its client '
+        "is the right-most address there that is not itself a trusted proxy (login rate limit, access log). "
+        "Empty: the header is ignored and the peer address is the client.",
     )
     host: str = Field(default="127.0.0.1", description="Interface `densealign serve` binds to.")
     port: int = Field(default=8000, gt=0, lt=65536, description="TCP port `densealign serve` listens on.")

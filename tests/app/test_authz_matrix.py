@@ -67,7 +67,6 @@ EXPECTED: dict[tuple[str, str], dict[str, Outcome]] = {
     # framework routes: the schema and docs are public, static files too
     ("GET", "/api/v1/openapi.json"): everyone(200),
     ("GET", "/api/v1/docs"): everyone(200),
-    ("GET", "/docs/oauth2-redirect"): everyone(200),
     ("GET", "/static"): everyone(200),
     # API
     ("GET", "/api/v1/health"): everyone(200),
@@ -253,7 +252,6 @@ def _form(url: str, caller: Caller, **data: Any) -> Request:
 BUILDERS: dict[tuple[str, str], Callable[[World, Caller], Request]] = {
     ("GET", "/api/v1/openapi.json"): lambda w, c: ("GET", "/api/v1/openapi.json", {}),
     ("GET", "/api/v1/docs"): lambda w, c: ("GET", "/api/v1/docs", {}),
-    ("GET", "/docs/oauth2-redirect"): lambda w, c: ("GET", "/docs/oauth2-redirect", {}),
     ("GET", "/static"): lambda w, c: ("GET", "/static/style.css", {}),
     ("GET", "/api/v1/health"): lambda w, c: _api("GET", "/api/v1/health", c),
     ("GET", "/api/v1/prompts"): lambda w, c: _api("GET", "/api/v1/prompts", c),

@@ -1,19 +1,28 @@
 """Security basics: rate limits on logins and judgements, CSRF on every form post, cookie flags,
-and secrets that come only from the environment."""
+secrets that come only from the environment, the security headers on every response, and
+X-Forwarded-For believed only from DENSEALIGN_TRUSTED_PROXIES."""
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import re
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.charts import bar_chart, line_chart
 from app.main import create_app
-from app.ratelimit import TokenBucket
+from app.middleware import CONTENT_SECURITY_POLICY
+from app.ratelimit import TokenBucket, forwarded_client
+from app.routes.docs import DOCS_POLICY, SWAGGER_UI
+from app.serve import proxy_options
 from core.db.labellers import create_invite
 from core.db.models import Judgement, Labeller, Pair
 from core.settings import Settings
@@ -21,6 +30,9 @@ from core.storage import LocalBlobStore
 from tests.app import test_authz_matrix as authz
 from tests.app.conftest import count
 from tests.app.test_authz_matrix import ADMIN, BUILDERS, EXPECTED, World, _csrf, snapshot
+from tests.live_server import serving
+
+ROOT = Path(__file__).resolve().parents[2]
 
 world = authz.world  # the matrix's callers: one logged-in cookie session per kind
 
@@ -154,3 +166,148 @@ def test_secrets_have_no_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().secret_key is None  # so create_app refuses to start (tests/app/test_pages.py)
     monkeypatch.setenv("DENSEALIGN_SECRET_KEY", "from-the-environment")
     assert Settings().secret_key.get_secret_value() == "from-the-environment"  # type: ignore[union-attr]
+
+
+# -- security headers ------------------------------------------------------------------------------
+
+HEADERS = {
+    "content-security-policy": CONTENT_SECURITY_POLICY,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+}
+# An inline <script> (one without src), an inline event handler, or a style attribute or element.
+INLINE = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>|\son[a-z]+\s*=|\sstyle\s*=|<style", re.IGNORECASE)
+
+
+def directives(policy: str) -> dict[str, list[str]]:
+    return {name: rest for name, *rest in (part.split() for part in policy.split(";") if part.strip())}
+
+
+def test_the_policy_allows_no_inline_script_and_no_framing() -> None:
+    policy = directives(CONTENT_SECURITY_POLICY)
+    assert policy["default-src"] == ["'none'"]
+    assert policy["script-src"] == policy["style-src"] == policy["img-src"] == ["'self'"]
+    assert policy["frame-ancestors"] == ["'none'"] and policy["base-uri"] == ["'none'"]
+    assert policy["form-action"] == policy["connect-src"] == ["'self'"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/login", 200),  # an HTML page
+        ("GET", "/api/v1/health", 200),  # an API answer
+        ("GET", "/api/v1/me", 401),  # an API refusal
+        ("GET", "/static/style.css", 200),  # a static file
+        ("GET", "/no-such-page", 404),
+        ("POST", "/api/v1/prompts", 413),  # refused by the body size limit, before any route
+    ],
+)
+def test_every_response_carries_the_security_headers(
+    client: TestClient, method: str, path: str, status: int
+) -> None:
+    response = client.request(method, path, content=b"x" * 20_000 if method == "POST" else None)
+    assert response.status_code == status, response.text
+    got = {name: response.headers.get(name) for name in HEADERS}
+    assert got == HEADERS, f"{method} {path} answered other security headers than app/middleware.py's"
+    assert "camera=()" in response.headers["permissions-policy"]
+
+
+def test_the_api_docs_page_has_a_narrow_policy_of_its_own(client: TestClient) -> None:
+    page = client.get("/api/v1/docs")
+    assert page.status_code == 200 and page.headers["content-security-policy"] == DOCS_POLICY
+    policy = directives(DOCS_POLICY)
+    assert policy["script-src"] == ["'self'", SWAGGER_UI]  # no inline script on this page either
+    assert policy["frame-ancestors"] == ["'none'"] and page.headers["x-frame-options"] == "DENY"
+    assert not re.search(r"<script(?![^>]*\bsrc=)", page.text), "the docs page has an inline script"
+    assert '<script src="/static/swagger-init.js" data-openapi-url="/api/v1/openapi.json">' in page.text
+    assert f'<script src="{SWAGGER_UI}swagger-ui-bundle.js">' in page.text
+    # Every other page keeps the strict policy.
+    assert client.get("/api/v1/openapi.json").headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+
+
+@pytest.mark.parametrize(
+    "template", sorted((ROOT / "app" / "templates").rglob("*.html")), ids=lambda p: p.name
+)
+def test_templates_have_nothing_inline_the_policy_would_block(template: Path) -> None:
+    found = INLINE.findall(template.read_text(encoding="utf-8"))
+    assert not found, f"{template.name} has {found}: move scripts and styles to app/static/"
+
+
+def test_charts_have_nothing_inline_the_policy_would_block() -> None:
+    for chart in (line_chart([(0, 0.1), (1, 0.5)]), bar_chart([0, 3, 5])):
+        assert "<svg" in chart and not INLINE.findall(str(chart)), chart
+
+
+# -- trusted proxies -------------------------------------------------------------------------------
+
+PROXIES = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        ("203.0.113.9", ["1.2.3.4"], "203.0.113.9"),  # not a proxy: the header is ignored
+        ("10.0.0.2", [], "10.0.0.2"),  # a proxy that sent no header
+        ("10.0.0.2", ["1.2.3.4"], "1.2.3.4"),
+        ("10.0.0.2", ["6.6.6.6, 1.2.3.4"], "1.2.3.4"),  # the client's own (forged) entry is ignored
+        ("10.0.0.2", ["1.2.3.4, 10.0.0.3"], "1.2.3.4"),  # two proxies in a row
+        ("10.0.0.2", ["6.6.6.6", "1.2.3.4"], "1.2.3.4"),  # the header sent twice
+        ("10.0.0.2", ["10.0.0.4, 10.0.0.3"], "10.0.0.4"),  # every hop a proxy: the first one
+        ("10.0.0.2", ["not-an-address"], "not-an-address"),
+        ("::1", ["2001:db8::7"], "2001:db8::7"),
+    ],
+)
+def test_forwarded_client_believes_only_trusted_proxies(
+    peer: str, forwarded_for: list[str], client: str
+) -> None:
+    assert forwarded_client(peer, forwarded_for, PROXIES) == client
+
+
+# Three CSRF-less login posts claiming these X-Forwarded-For addresses: each answers 403 while its
+# sender's bucket (burst 1) has a token (the CSRF check refuses it), 429 once the rate limit does.
+CLAIMED = ["1.2.3.4", "5.6.7.8", "5.6.7.8"]
+
+
+def proxied_app(settings: Settings, proxies: list[str]) -> FastAPI:
+    tight = settings.model_copy(update={"login_burst": 1, "login_rate_per_minute": 1.0})
+    tight = Settings.model_validate({**tight.model_dump(), "trusted_proxies": proxies})
+    return create_app(tight, session_factory=sessionmaker())  # the limit refuses before any query
+
+
+@pytest.mark.parametrize(
+    ("proxies", "statuses"),
+    [([], [403, 429, 429]), (["10.0.0.0/8"], [403, 403, 429])],
+    ids=["no-proxy", "trusted-proxy"],
+)
+def test_login_limit_keys_on_the_forwarded_client_only_behind_a_trusted_proxy(
+    settings: Settings, proxies: list[str], statuses: list[int]
+) -> None:
+    browser = TestClient(proxied_app(settings, proxies), client=("10.0.0.2", 40000))
+
+    def post(address: str) -> int:
+        return browser.post("/login", headers={"X-Forwarded-For": address}).status_code
+
+    assert [post(address) for address in CLAIMED] == statuses
+
+
+@pytest.mark.parametrize(
+    ("proxies", "statuses"),
+    [([], [403, 429, 429]), (["127.0.0.1"], [403, 403, 429])],
+    ids=["no-proxy", "loopback-proxy"],
+)
+def test_uvicorn_as_densealign_serve_runs_it_does_not_undo_the_setting(
+    settings: Settings, proxies: list[str], statuses: list[int]
+) -> None:
+    # uvicorn alone believes X-Forwarded-For from 127.0.0.1 and rewrites the client address; served
+    # with proxy_options (as `densealign serve` does), a loopback client that forges the header gets no
+    # bucket of its own unless loopback is a configured proxy.
+    app = proxied_app(settings, proxies)
+    with serving(app, **proxy_options(app.state.settings)) as base, httpx.Client(base_url=base) as http:
+
+        def post(address: str) -> int:
+            return http.post("/login", headers={"X-Forwarded-For": address}).status_code
+
+        assert [post(address) for address in CLAIMED] == statuses

@@ -4,109 +4,31 @@ left"), and the five judgements are in Postgres with the sides they saw."""
 
 from __future__ import annotations
 
-import datetime as dt
-import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
-from app.main import create_app
 from core.db.engine import make_engine, make_session_factory
-from core.db.labellers import create_invite
 from core.db.models import Judgement, Labeller
-from core.db.pairs import create_pair, create_trajectory
-from core.db.policies import publish_policy_version
-from core.db.prompts import add_prompt
-from core.settings import Settings
-from core.storage import LocalBlobStore
-from tests.app.conftest import png_bytes
-from tests.conftest import migrate, scratch_postgres_database, skip_or_fail
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, LiveApp
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PAIRS = 5
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def live_app(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    """Serve the app on a free port over a migrated scratch database with 5 pairs; yields
+def live_app(serve_app: Callable[..., LiveApp]) -> tuple[str, str, str]:
+    """The app over a scratch database with 5 pairs and an invite for ursula; yields
     (base URL, invite path, database URL)."""
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        skip_or_fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        skip_or_fail("the playwright Python package is not installed; `make test` installs it")
-    with scratch_postgres_database() as url:
-        migrate(url)
-        store = LocalBlobStore(tmp_path / "blobs")
-        engine = make_engine(url)
-        factory = make_session_factory(engine)
-        with factory() as session:
-            publish_policy_version(session=session, version=0)
-            for i in range(PAIRS):
-                prompt = add_prompt(session=session, text=f"prompt number {i}: a striped umbrella")
-                ids = []
-                for side, color in (("a", (200, 40 * i, 30)), ("b", (30, 40 * i, 200))):
-                    key = f"images/{i}-{side}.png"
-                    store.put(key, png_bytes(color, size=64))
-                    ids.append(
-                        create_trajectory(
-                            session=session, prompt_id=prompt.id, policy_version=0, seed=i, image_key=key
-                        ).id
-                    )
-                create_pair(session=session, trajectory_a_id=ids[0], trajectory_b_id=ids[1])
-            _, secret = create_invite(
-                session=session, name="ursula", role="annotator", ttl=dt.timedelta(hours=1)
-            )
-            session.commit()
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        settings = Settings(
-            database_url=url,
-            secret_key="e2e-secret",  # type: ignore[arg-type]
-            cookie_secure=False,
-            public_base_url=base,
-            blob_dir=str(tmp_path / "blobs"),
-        )
-        app = create_app(settings, session_factory=factory, blob_store=store)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
-            time.sleep(0.05)
-        try:
-            yield base, f"/invite/{secret}", url
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
-            engine.dispose()
+    served = serve_app(
+        prompts=[f"prompt number {i}: a striped umbrella" for i in range(PAIRS)],
+        invites={"ursula": "annotator"},
+    )
+    return served.base, served.invites["ursula"], served.db_url
 
 
 def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str, str]) -> None:
@@ -127,7 +49,9 @@ def test_annotator_judges_five_pairs_with_the_keyboard(live_app: tuple[str, str,
             pair = page.locator("#pair")
             status = page.locator("#status")
             expect(pair).to_be_visible(timeout=10_000)
-            page.wait_for_function("document.getElementById('left').complete")
+            # A function, not an expression: Playwright evaluates expressions with eval(), which the
+            # page's Content-Security-Policy forbids.
+            page.wait_for_function("() => document.getElementById('left').complete")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "label_page.png"), full_page=True)
             for key in keys:

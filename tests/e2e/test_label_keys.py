@@ -1,35 +1,20 @@
 """Every labelling key in a real browser: ← 1 (left), → 2 (right), ↓ t T (tie), s S Space (skip) each
 store the choice they name, and U / u undo the last judgement so the pair can be judged again.
 
-Uses the Chromium and flags of test_label_browser.py; the app runs on a scratch Postgres database with
+Uses the Chromium and flags of tests/e2e/conftest.py; the app runs on a scratch Postgres database with
 one pair per key press.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import shutil
-import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
-from app.main import create_app
 from core.db.engine import make_engine, make_session_factory
-from core.db.labellers import create_invite
 from core.db.models import Judgement, Labeller
-from core.db.pairs import create_pair, create_trajectory
-from core.db.policies import publish_policy_version
-from core.db.prompts import add_prompt
-from core.settings import Settings
-from core.storage import LocalBlobStore
-from tests.app.conftest import png_bytes
-from tests.conftest import migrate, scratch_postgres_database, skip_or_fail
-from tests.e2e.test_label_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
+from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, LiveApp
 
 # (key pressed, what it stands for): one pair each, in this order.
 KEYS = [
@@ -49,62 +34,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def keys_app(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    """The app on a free port over a scratch database with one pair per key; yields
+def keys_app(serve_app: Callable[..., LiveApp]) -> tuple[str, str, str]:
+    """The app over a scratch database with one pair per key and an invite for kim; yields
     (base URL, invite path, database URL)."""
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
-        skip_or_fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        skip_or_fail("the playwright Python package is not installed; `make test` installs it")
-    with scratch_postgres_database() as url:
-        migrate(url)
-        store = LocalBlobStore(tmp_path / "blobs")
-        engine = make_engine(url)
-        factory = make_session_factory(engine)
-        with factory() as session:
-            publish_policy_version(session=session, version=0)
-            for i in range(len(KEYS)):
-                prompt = add_prompt(session=session, text=f"pair {i}: a green triangle")
-                ids = []
-                for side, color in (("a", (220, 20 * i, 20)), ("b", (20, 20 * i, 220))):
-                    key = f"images/{i}-{side}.png"
-                    store.put(key, png_bytes(color, size=32))
-                    ids.append(
-                        create_trajectory(
-                            session=session, prompt_id=prompt.id, policy_version=0, seed=i, image_key=key
-                        ).id
-                    )
-                create_pair(session=session, trajectory_a_id=ids[0], trajectory_b_id=ids[1])
-            _, secret = create_invite(
-                session=session, name="kim", role="annotator", ttl=dt.timedelta(hours=1)
-            )
-            session.commit()
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        settings = Settings(
-            database_url=url,
-            secret_key="e2e-keys-secret",  # type: ignore[arg-type]
-            cookie_secure=False,
-            public_base_url=base,
-            blob_dir=str(tmp_path / "blobs"),
-            undo_window_seconds=600,
-        )
-        app = create_app(settings, session_factory=factory, blob_store=store)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start within 20 s"
-            time.sleep(0.05)
-        try:
-            yield base, f"/invite/{secret}", url
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
-            engine.dispose()
+    served = serve_app(
+        prompts=[f"pair {i}: a green triangle" for i in range(len(KEYS))],
+        invites={"kim": "annotator"},
+        undo_window_seconds=600,
+    )
+    return served.base, served.invites["kim"], served.db_url
 
 
 def stored(db_url: str) -> dict[int, tuple[str, str]]:
