@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     )
     trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
         default=(),
-        description='Reverse proxies in front of the app, as a JSON list of addresses or networks (e.g. '
+        description="Reverse proxies in front of the app, as a JSON list of addresses or networks (e.g. "
         '`["10.0.0.0/8"]`); only a request from one of them has its X-Forwarded-For believed, and its client '
         "is the right-most address there that is not itself a trusted proxy (login rate limit, access log). "
         "Empty: the header is ignored and the peer address is the client.",
