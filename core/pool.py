@@ -22,7 +22,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.db.campaigns import eval_pairs_per_prompt, eval_prompt_ids, pairs_wanted, running_campaigns
+from core.db.campaigns import (
+    eval_pairs_per_prompt,
+    eval_prompt_ids,
+    open_eval_pairs,
+    pairs_wanted,
+    running_campaigns,
+)
 from core.db.models import Pair, Prompt
 from core.db.policies import get_current_policy
 from core.queue import SamplingQueue
@@ -178,6 +184,12 @@ def _refill_eval(
         prompts = eval_prompt_ids(session=session, split=campaign.prompt_split)
         if not wanted or not prompts:
             continue
+        # as for training pairs: no part-filled job while at least half the campaign's pool is on hand
+        on_hand = sum(open_eval_pairs(session=session, campaign_id=campaign.id).values()) + len(busy)
+        if 2 * on_hand >= pool_pairs:
+            wanted -= wanted % pairs_per_job
+            if not wanted:
+                continue
         sampled = eval_pairs_per_prompt(session=session, campaign_id=campaign.id)
         free = [str(s) for s in range(pool_pairs) if str(s) not in busy][:wanted]
         chosen = []

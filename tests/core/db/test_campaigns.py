@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -29,6 +30,7 @@ from core.db.pairs import create_trajectory
 from core.db.policies import get_current_policy, publish_policy_version, set_current_policy
 from core.db.prompts import add_prompt
 from core.db.training import fresh_pair_groups, preference_pairs, record_round_pairs, start_training_round
+from core.pool import MemorySlots, refill_pool
 
 SAMPLER = {"num_steps": 3}
 
@@ -327,3 +329,77 @@ def test_the_gate_does_not_promote_over_a_newer_current_version(
     session.refresh(campaign)
     assert get_current_policy(session=session).version == 2
     assert campaign.promotion is not None and "version 2 has become current since" in campaign.promotion
+
+
+class RecordingQueue:
+    """The embedded queue's interface, recording evaluation jobs; `done` marks jobs as finished."""
+
+    def __init__(self) -> None:
+        self.slots = MemorySlots()
+        self.jobs: list[tuple[int, list[int]]] = []
+        self.done: set[str] = set()
+
+    def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
+        self.jobs.append((campaign_id, prompt_ids))
+        return f"job-{len(self.jobs)}"
+
+    def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
+        raise AssertionError("no training prompts here")
+
+    def enqueue_sample_pair(self, prompt_id: int) -> str:
+        raise AssertionError("no training prompts here")
+
+    def is_active(self, job_id: str) -> bool:
+        return job_id not in self.done
+
+    def depth(self) -> int:
+        return len(self.jobs) - len(self.done)
+
+
+def test_refill_keeps_a_campaign_pool_in_full_jobs_spread_over_prompts(
+    session: Session,
+    campaign: EvalCampaign,
+    eval_prompts: list[Prompt],
+    make_labeller: Callable[..., tuple[Labeller, str]],
+) -> None:
+    campaign.target_votes = 20
+    queue = RecordingQueue()
+
+    def refill() -> int:
+        return refill_pool(
+            session=session,
+            queue=queue,  # type: ignore[arg-type]
+            redis=None,
+            target_per_prompt=2,
+            max_version_lag=2,
+            pairs_per_job=4,
+            eval_pool_pairs=8,
+        )
+
+    assert refill() == 8
+    assert [len(ids) for _, ids in queue.jobs] == [4, 4]
+    spread = Counter(pid for _, ids in queue.jobs for pid in ids)
+    assert sorted(spread.values()) == [2, 3, 3] and set(spread) == {p.id for p in eval_prompts}
+    assert refill() == 0, "queued jobs count against the pool"
+    # the worker runs both jobs: 8 open pairs
+    rng = random.Random(6)
+    for _, ids in queue.jobs:
+        for pid in ids:
+            eval_pair(session, campaign, pid, rng)
+    queue.done = {"job-1", "job-2"}
+    assert refill() == 0
+    labeller = make_labeller()[0]
+    judge(session, labeller, lambda pair: "a")
+    assert refill() == 0, "one free slot is not a full job while the pool is mostly on hand"
+    for _ in range(2):
+        judge(session, labeller, lambda pair: "a")
+    assert refill() == 0, "3 free slots: still not a full job, 5 of 8 on hand"
+    judge(session, labeller, lambda pair: "a")
+    # 4 open, 4 free slots, 12 votes still missing beyond the open pairs: one full job of 4
+    assert refill() == 4 and [len(ids) for _, ids in queue.jobs] == [4, 4, 4]
+    queue.done.add("job-3")
+    for _ in range(3):
+        judge(session, labeller, lambda pair: "a")
+    # job 3 ended without pairs (it failed for good): 1 open pair is under half the pool, so annotators
+    # come first and a part-filled job goes out with the full one
+    assert refill() == 7 and [len(ids) for _, ids in queue.jobs][3:] == [4, 3]
