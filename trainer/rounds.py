@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db.campaigns import AutoEvaluation, start_on_publish
+from core.db.campaigns import AutoEvaluation, start_auto_campaign
 from core.db.models import TrainingRound
 from core.db.policies import (
     get_current_policy,
@@ -151,6 +151,7 @@ class Trainer:
         returns the published version (None: nothing to train yet, or stopped mid-round)."""
         cfg = self.config
         with self.sessions() as session, session.begin():
+            self._start_evaluation(session)
             round_ = running_round(session=session)
             if round_ is not None and not self._resumable(session, round_.id):
                 round_ = None
@@ -181,6 +182,29 @@ class Trainer:
                 )
             round_id, base_version = round_.id, round_.base_version
         return self._train(round_id, base_version)
+
+    def _start_evaluation(self, session: Session, published: int | None = None) -> None:
+        """Start the automatic evaluation campaign of the newest version if none runs (Settings.eval)."""
+        auto = self.auto_evaluation
+        if auto is None:
+            return
+        campaign = start_auto_campaign(session=session, auto=auto)
+        if campaign is not None:
+            logger.info(
+                "evaluation campaign %d: version %d vs %d, %d votes wanted",
+                campaign.id,
+                campaign.version,
+                campaign.baseline_version,
+                campaign.target_votes,
+            )
+        elif published is not None and auto.promote_if_wins and auto.votes > 0:
+            logger.warning(
+                "version %d is published but not current: the gate (DENSEALIGN_EVAL__PROMOTE_IF_WINS) makes it "
+                "current once people prefer it in an evaluation campaign, which starts when the running one "
+                "ends (needs active prompts of split %r); an admin can also make it current by hand",
+                published,
+                auto.prompt_split,
+            )
 
     def _resumable(self, session: Session, round_id: int) -> bool:
         """A round a stopped trainer left running resumes on its own pairs with their own sampler settings,
@@ -353,26 +377,7 @@ class Trainer:
                 # with the gate on, the version's campaign makes it current if people prefer it
                 make_current=self.auto_evaluation is None or not self.auto_evaluation.promote_if_wins,
             )
-            if self.auto_evaluation is not None:
-                campaign = start_on_publish(
-                    session=session, version=version, parent_version=base_version, auto=self.auto_evaluation
-                )
-                if campaign is None and self.auto_evaluation.promote_if_wins:
-                    logger.warning(
-                        "version %d stays published but not current: the gate (DENSEALIGN_EVAL__PROMOTE_IF_WINS) "
-                        "needs a campaign, and none could start (no active prompts of split %r, or no votes "
-                        "asked); start one on the dashboard or make the version current by hand",
-                        version,
-                        self.auto_evaluation.prompt_split,
-                    )
-                if campaign is not None:
-                    logger.info(
-                        "evaluation campaign %d: version %d vs %d, %d votes wanted",
-                        campaign.id,
-                        version,
-                        campaign.baseline_version,
-                        campaign.target_votes,
-                    )
+            self._start_evaluation(session, published=version)
             finish_training_round(
                 session=session,
                 round_id=round_id,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 
 from core.db.base import utcnow
 from core.db.errors import Conflict, InvalidInput, NotFound, PairInvalid
-from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, Prompt, Trajectory
+from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, PolicyVersion, Prompt, Trajectory
 from core.db.policies import get_current_policy, get_policy_version, set_current_policy
 from core.eval_stats import Score, Vote, WinRate, bradley_terry, win_rate
 
@@ -132,25 +132,44 @@ def _running_of(version: int, baseline: int) -> Select[EvalCampaign]:
     )
 
 
-def start_on_publish(
-    *, session: Session, version: int, parent_version: int | None, auto: AutoEvaluation
-) -> EvalCampaign | None:
-    """The automatic campaign for a just-published version, or None when there is nothing to start
-    (auto off, no prompts to evaluate on, the comparison version is the version itself).
+def start_auto_campaign(*, session: Session, auto: AutoEvaluation) -> EvalCampaign | None:
+    """Start the automatic campaign of the newest version, unless one runs already; returns it, or None.
 
-    With the gate on, the comparison is the current version (the one the new version would
-    replace), and the campaign promotes the new version if it wins (`finish_if_reached`)."""
+    One automatic campaign at a time: votes then go to one comparison, which completes, instead of
+    spreading over every version a fast trainer publishes (a 10-minute demo published 13 versions and
+    no campaign reached its votes). Versions published while one runs are skipped; when it ends, the
+    next check (each publish, and the trainer's idle loop) starts the newest version's. None also when
+    auto is off, there are no prompts to evaluate on, or the comparison would be the version itself.
+
+    The comparison is version 0 (`compare_with` base) or the version it was trained from (previous);
+    with the gate on it is the current version (the one it would replace), and the campaign promotes
+    the new version if it wins (`finish_if_reached`)."""
     if auto.votes < 1:
+        return None
+    running = select(EvalCampaign.id).where(
+        EvalCampaign.status == "running", EvalCampaign.origin == "publish"
+    )
+    if session.scalar(running.limit(1)) is not None:
+        return None
+    newest = session.scalar(select(PolicyVersion).order_by(PolicyVersion.version.desc()).limit(1))
+    if newest is None or newest.version == 0:
+        return None
+    evaluated = select(EvalCampaign.id).where(
+        EvalCampaign.version == newest.version, EvalCampaign.origin == "publish"
+    )
+    if session.scalar(evaluated.limit(1)) is not None:
         return None
     if auto.promote_if_wins:
         baseline = get_current_policy(session=session).version
+    elif auto.compare_with == "base" or newest.parent_version is None:
+        baseline = 0
     else:
-        baseline = 0 if auto.compare_with == "base" or parent_version is None else parent_version
-    if baseline == version or not eval_prompt_ids(session=session, split=auto.prompt_split):
+        baseline = newest.parent_version
+    if baseline == newest.version or not eval_prompt_ids(session=session, split=auto.prompt_split):
         return None
     return start_campaign(
         session=session,
-        version=version,
+        version=newest.version,
         baseline_version=baseline,
         target_votes=auto.votes,
         judgements_per_pair=auto.judgements_per_pair,

@@ -19,8 +19,8 @@ from core.db.campaigns import (
     campaign_votes,
     create_eval_pair,
     pairs_wanted,
+    start_auto_campaign,
     start_campaign,
-    start_on_publish,
     stop_campaign,
 )
 from core.db.errors import InvalidInput, PairInvalid
@@ -108,20 +108,25 @@ def test_campaign_needs_prompts_and_one_at_a_time(
     assert (first.status, second.status) == ("stopped", "running")
 
 
-def test_start_on_publish_follows_the_setting(
+def test_one_automatic_campaign_at_a_time_for_the_newest_version(
     session: Session, versions: tuple[int, int], eval_prompts: list[Prompt]
 ) -> None:
     publish_policy_version(session=session, version=2, parent_version=1, lora_key="l/2", lora_sha256="1" * 64)
-    assert (
-        start_on_publish(session=session, version=2, parent_version=1, auto=AutoEvaluation(votes=0)) is None
-    )
-    base = start_on_publish(session=session, version=2, parent_version=1, auto=AutoEvaluation(votes=40))
-    previous = start_on_publish(
-        session=session, version=2, parent_version=1, auto=AutoEvaluation(votes=40, compare_with="previous")
-    )
-    assert base is not None and previous is not None
-    assert (base.baseline_version, previous.baseline_version) == (0, 1)
-    assert (base.origin, base.target_votes) == ("publish", 40)
+    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=0)) is None
+    first = start_auto_campaign(session=session, auto=AutoEvaluation(votes=40, compare_with="previous"))
+    assert first is not None
+    assert (first.version, first.baseline_version, first.origin, first.target_votes) == (2, 1, "publish", 40)
+    # versions published while it runs wait; an admin's campaign does not count as the automatic one
+    publish_policy_version(session=session, version=3, parent_version=2, lora_key="l/3", lora_sha256="3" * 64)
+    start_campaign(session=session, version=1, baseline_version=0, target_votes=5)
+    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=40)) is None
+    publish_policy_version(session=session, version=4, parent_version=3, lora_key="l/4", lora_sha256="4" * 64)
+    stop_campaign(session=session, campaign_id=first.id)
+    # the next one takes the newest version (3 is skipped), against version 0 by default
+    second = start_auto_campaign(session=session, auto=AutoEvaluation(votes=40))
+    assert second is not None and (second.version, second.baseline_version) == (4, 0)
+    stop_campaign(session=session, campaign_id=second.id)
+    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=40)) is None, "4 was evaluated"
 
 
 def test_eval_pair_must_share_prompt_and_seed(
@@ -284,7 +289,7 @@ def test_the_gate_promotes_a_version_only_when_people_prefer_it(
         session=session, version=2, parent_version=1, lora_key="l/2", lora_sha256="2" * 64, make_current=False
     )
     gate = AutoEvaluation(votes=8, promote_if_wins=True)
-    campaign = start_on_publish(session=session, version=2, parent_version=1, auto=gate)
+    campaign = start_auto_campaign(session=session, auto=gate)
     assert campaign is not None and (campaign.baseline_version, campaign.promote_on_win) == (1, True)
     rng = random.Random(4)
     for i in range(8):
