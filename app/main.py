@@ -18,7 +18,9 @@ from app.refill import PoolRefiller
 from app.responses import DB_DOWN, INVALID, Responses
 from app.routes import (
     admin,
+    admin_evaluations,
     docs,
+    evaluations,
     export,
     health,
     judgements,
@@ -91,10 +93,11 @@ def create_app(
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)  # added last, so it wraps the others: their 413s get headers too
-    for module in (health, prompts, pairs, judgements, policies, stats, export, labellers):
+    for module in (health, prompts, pairs, judgements, policies, evaluations, stats, export, labellers):
         app.include_router(module.router, prefix=API_PREFIX, responses=API_RESPONSES)
     app.include_router(docs.router, prefix=API_PREFIX)
     app.include_router(pages.router)
     app.include_router(admin.router)
+    app.include_router(admin_evaluations.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app

@@ -288,3 +288,68 @@ class LabellerPublic(Public):
     active: bool
     created_at: dt.datetime
 
+
+class CampaignCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0, le=MAX_ID, description="The version under evaluation.")
+    baseline_version: int = Field(
+        default=0, ge=0, le=MAX_ID, description="The version it is compared with (0 = the base model)."
+    )
+    target_votes: int = Field(default=200, ge=1, le=1_000_000, description="Votes to collect.")
+    judgements_per_pair: int = Field(
+        default=1, ge=1, le=100, description="Votes per evaluation pair, each by a different person."
+    )
+    prompt_split: Literal["eval", "train"] = Field(
+        default="eval", description="Prompts to evaluate on: held-out (`eval`) or trained (`train`)."
+    )
+
+
+class CampaignPublic(Public):
+    id: int
+    version: int
+    baseline_version: int
+    status: Literal["running", "done", "stopped"]
+    origin: Literal["publish", "admin"]
+    target_votes: int
+    judgements_per_pair: int
+    prompt_split: Literal["eval", "train"]
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    votes: int = 0
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    prompts: int = Field(default=0, description="Distinct prompts with votes.")
+    win_rate: float | None = Field(default=None, description="(wins + ties / 2) / votes for `version`.")
+    low: float | None = Field(
+        default=None, description="95% interval, lower end (the wider of the two below)."
+    )
+    high: float | None = None
+    wilson: list[float] | None = Field(default=None, description="95% Wilson interval, votes independent.")
+    bootstrap: list[float] | None = Field(
+        default=None, description="95% interval resampling prompts (2 or more prompts)."
+    )
+    verdict: Literal["better", "worse", "undecided", "no votes"] = "no votes"
+    summary: str = Field(default="", description="The result in one sentence.")
+    promote_on_win: bool = Field(
+        default=False, description="The gate: `version` becomes current if it wins this campaign."
+    )
+    promotion: str | None = Field(default=None, description="What the gate decided when the campaign ended.")
+
+
+class VersionScorePublic(BaseModel):
+    version: int
+    score: float = Field(description="Bradley-Terry log-strength; version 0 = 0.")
+    low: float
+    high: float
+    votes: int
+    win_rate_vs_base: float = Field(description="The modelled chance this version beats version 0.")
+
+
+class VersionEvaluationPublic(BaseModel):
+    version: int
+    campaigns: list[CampaignPublic]
+    score: VersionScorePublic | None = Field(
+        default=None, description="None while no vote links the version to version 0."
+    )

@@ -101,6 +101,51 @@ class PoolConfig(BaseModel):
     job_retries: int = Field(default=3, ge=0, description="Times a failed sampling job is retried.")
 
 
+class EvalConfig(BaseModel):
+    """Human evaluation campaigns: blind A/B votes of a version against a comparison version."""
+
+    share: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of the pairs served to annotators that are evaluation pairs, while a campaign "
+        "runs (0..1); they look exactly like training pairs and are never trained on.",
+    )
+    auto_votes: int = Field(
+        default=200,
+        ge=0,
+        description="Votes an evaluation campaign collects when a version is published (started "
+        "automatically against `compare_with`); 0 = start campaigns by hand only.",
+    )
+    compare_with: Literal["base", "previous"] = Field(
+        default="base",
+        description="What an automatic campaign compares a new version with: `base` (version 0) or "
+        "`previous` (the version it was trained from: did this round help?).",
+    )
+    judgements_per_pair: int = Field(
+        default=1,
+        ge=1,
+        description="Votes wanted per evaluation pair, each by a different person (more distinct pairs "
+        "per vote tell more about the version than repeat votes on the same pair).",
+    )
+    prompt_split: Literal["eval", "train"] = Field(
+        default="eval",
+        description="Prompts evaluation pairs are drawn from: `eval` (held out, never trained on) or "
+        "`train` (how well the trained prompts improved; not a held-out measure).",
+    )
+    pool_pairs: int = Field(
+        default=8,
+        ge=1,
+        description="Evaluation pairs (queued jobs included) kept ready per running campaign.",
+    )
+    promote_if_wins: bool = Field(
+        default=False,
+        description="Gate: a new version becomes current only once its campaign against the current version "
+        "ends with the 95% interval above 50%; until then (or if it does not) it stays published but not "
+        "current, and the dashboard says why.",
+    )
+
+
 class Settings(BaseSettings):
     """Every knob of a DenseAlign deployment; each field maps to `DENSEALIGN_<FIELD>`."""
 
@@ -240,6 +285,12 @@ class Settings(BaseSettings):
     pool: PoolConfig = Field(
         default_factory=lambda: PoolConfig(),
         description="The pool of unlabelled pairs kept ready for annotators (DENSEALIGN_POOL__<FIELD>).",
+    )
+
+    eval: EvalConfig = Field(
+        default_factory=lambda: EvalConfig(),
+        description="Human evaluation campaigns: blind votes of a version against another "
+        "(DENSEALIGN_EVAL__<FIELD>).",
     )
 
     @model_validator(mode="after")

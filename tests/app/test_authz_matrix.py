@@ -27,11 +27,13 @@ from sqlalchemy.orm import Session
 from starlette.routing import Mount
 
 from core.db.assignment import next_pair
+from core.db.campaigns import list_campaigns, start_campaign
 from core.db.base import Base
 from core.db.judgements import record_judgement
 from core.db.labellers import create_invite, create_labeller, update_labeller
 from core.db.models import Labeller, Pair, Prompt
 from core.db.policies import publish_policy_version
+from core.db.prompts import add_prompt
 from core.storage import LocalBlobStore
 
 ANON, DEACTIVATED, ANNOTATOR, ADMIN = "anonymous", "deactivated", "annotator", "admin"
@@ -85,6 +87,12 @@ EXPECTED: dict[tuple[str, str], dict[str, Outcome]] = {
     ("GET", "/api/v1/policies/current"): labellers(200),
     ("PUT", "/api/v1/policies/current"): admins(200),
     ("GET", "/api/v1/policies/{version}/lora.safetensors"): labellers(200),
+    ("GET", "/api/v1/policies/{version}/evaluation"): labellers(200),
+    ("GET", "/api/v1/evaluations"): labellers(200),
+    ("POST", "/api/v1/evaluations"): admins(201),
+    ("GET", "/api/v1/evaluations/scores"): labellers(200),
+    ("GET", "/api/v1/evaluations/{campaign_id}"): labellers(200),
+    ("POST", "/api/v1/evaluations/{campaign_id}/stop"): admins(200),
     ("GET", "/api/v1/stats"): admins(200),
     ("GET", "/api/v1/export"): admins(200),
     ("POST", "/api/v1/invites"): admins(201),
@@ -101,6 +109,8 @@ EXPECTED: dict[tuple[str, str], dict[str, Outcome]] = {
     ("GET", "/guidelines"): everyone(200),
     ("GET", "/admin"): admin_pages(200),
     ("POST", "/admin/policies/current"): admin_pages((303, "/admin")),
+    ("POST", "/admin/evaluations"): admin_pages((303, "/admin#evaluation")),
+    ("POST", "/admin/evaluations/{campaign_id}/stop"): admin_pages((303, "/admin#evaluation")),
     ("GET", "/admin/prompts"): admin_pages(200),
     ("POST", "/admin/prompts"): admin_pages((303, "/admin/prompts")),
     ("POST", "/admin/prompts/import"): admin_pages((303, "/admin/prompts")),
@@ -189,6 +199,19 @@ class World:
             role="annotator",
             ttl=dt.timedelta(hours=1),
         )[1]
+
+    def eval_prompt(self) -> int:
+        """Version 1's evaluation campaigns need a held-out prompt; returns version 1."""
+        add_prompt(session=self.session, text=f"held out {uuid.uuid4().hex[:6]}", split="eval")
+        return 1
+
+    def campaign(self) -> int:
+        """A running campaign of version 1 vs 0 (the same one until someone stops it)."""
+        self.eval_prompt()
+        running = [c for c in list_campaigns(session=self.session, version=1) if c.status == "running"]
+        if running:
+            return running[0].id
+        return start_campaign(session=self.session, version=1, baseline_version=0, target_votes=10).id
 
     def victim(self) -> int:
         return create_labeller(session=self.session, name=f"v-{uuid.uuid4().hex[:8]}").labeller.id
@@ -288,6 +311,20 @@ BUILDERS: dict[tuple[str, str], Callable[[World, Caller], Request]] = {
     ("GET", "/api/v1/policies/{version}/lora.safetensors"): lambda w, c: _api(
         "GET", "/api/v1/policies/1/lora.safetensors", c
     ),
+    ("GET", "/api/v1/policies/{version}/evaluation"): lambda w, c: _api(
+        "GET", "/api/v1/policies/1/evaluation", c
+    ),
+    ("GET", "/api/v1/evaluations"): lambda w, c: _api("GET", "/api/v1/evaluations", c),
+    ("POST", "/api/v1/evaluations"): lambda w, c: _api(
+        "POST", "/api/v1/evaluations", c, json={"version": w.eval_prompt(), "target_votes": 10}
+    ),
+    ("GET", "/api/v1/evaluations/scores"): lambda w, c: _api("GET", "/api/v1/evaluations/scores", c),
+    ("GET", "/api/v1/evaluations/{campaign_id}"): lambda w, c: _api(
+        "GET", f"/api/v1/evaluations/{w.campaign()}", c
+    ),
+    ("POST", "/api/v1/evaluations/{campaign_id}/stop"): lambda w, c: _api(
+        "POST", f"/api/v1/evaluations/{w.campaign()}/stop", c
+    ),
     ("GET", "/api/v1/stats"): lambda w, c: _api("GET", "/api/v1/stats", c),
     ("GET", "/api/v1/export"): lambda w, c: _api("GET", "/api/v1/export", c),
     ("POST", "/api/v1/invites"): lambda w, c: _api(
@@ -307,6 +344,12 @@ BUILDERS: dict[tuple[str, str], Callable[[World, Caller], Request]] = {
     ("GET", "/guidelines"): lambda w, c: ("GET", "/guidelines", {}),
     ("GET", "/admin"): lambda w, c: ("GET", "/admin", {}),
     ("POST", "/admin/policies/current"): lambda w, c: _form("/admin/policies/current", c, version="0"),
+    ("POST", "/admin/evaluations"): lambda w, c: _form(
+        "/admin/evaluations", c, version=str(w.eval_prompt()), baseline_version="0", target_votes="10"
+    ),
+    ("POST", "/admin/evaluations/{campaign_id}/stop"): lambda w, c: _form(
+        f"/admin/evaluations/{w.campaign()}/stop", c
+    ),
     ("GET", "/admin/prompts"): lambda w, c: ("GET", "/admin/prompts", {}),
     ("POST", "/admin/prompts"): lambda w, c: _form("/admin/prompts", c, text=f"form by {c.kind}"),
     ("POST", "/admin/prompts/import"): lambda w, c: (
