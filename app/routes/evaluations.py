@@ -94,7 +94,7 @@ def list_evaluations(session: SessionDep, _: CurrentLabeller) -> list[CampaignPu
     status_code=201,
     responses=ADMIN
     | {404: error("No such version (or baseline version).")}
-    | {409: error("A campaign of the same two versions is running.")}
+    | {409: error("A campaign of the same two versions is running, or there are no prompts to evaluate on.")}
     | WRITE,
 )
 def create_evaluation(body: CampaignCreate, session: SessionDep, admin: CurrentAdmin) -> CampaignPublic:

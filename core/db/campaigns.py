@@ -41,6 +41,14 @@ class CampaignRunning(Conflict):
         )
 
 
+class NoPromptsToEvaluate(Conflict):
+    def __init__(self, split: str) -> None:
+        super().__init__(
+            f"there are no active prompts of split {split!r} to evaluate on; add some "
+            f'(POST /api/v1/prompts with "split": "{split}") and start the campaign again'
+        )
+
+
 class CampaignNotRunning(Conflict):
     def __init__(self, campaign: EvalCampaign) -> None:
         super().__init__(f"evaluation campaign {campaign.id} has already ended ({campaign.status})")
@@ -90,10 +98,7 @@ def start_campaign(
     if prompt_split not in SPLITS:
         raise InvalidInput(f"prompt_split {prompt_split!r} is not one of {', '.join(SPLITS)}")
     if not eval_prompt_ids(session=session, split=prompt_split):
-        raise InvalidInput(
-            f"there are no active prompts of split {prompt_split!r} to evaluate on; add some "
-            f'(POST /api/v1/prompts with "split": "{prompt_split}") and start the campaign again'
-        )
+        raise NoPromptsToEvaluate(prompt_split)
     running = session.scalar(
         select(EvalCampaign).where(
             EvalCampaign.version == version,

@@ -170,8 +170,7 @@ def test_admin_starts_and_stops_campaigns(
     assert missing.status_code == 404 and "policy version 7" in missing.json()["detail"]
     no_prompts = admin_client.post("/api/v1/evaluations", json={**body, "prompt_split": "train"})
     assert (
-        no_prompts.status_code in (400, 422)
-        and "no active prompts of split 'train'" in no_prompts.json()["detail"]
+        no_prompts.status_code == 409 and "no active prompts of split 'train'" in no_prompts.json()["detail"]
     )
     stopped = admin_client.post(f"/api/v1/evaluations/{campaign['id']}/stop")
     assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
@@ -212,7 +211,7 @@ def test_dashboard_charts_campaigns_and_the_forms_work(
     (running,) = [c for c in client.get("/api/v1/evaluations").json() if c["status"] == "running"]
     assert (running["version"], running["baseline_version"], running["target_votes"]) == (1, 1, 20)
     refused = client.post("/admin/evaluations", data={**form, "prompt_split": "train"})
-    assert refused.status_code == 422 and "no active prompts of split &#39;train&#39;" in refused.text
+    assert refused.status_code == 409 and "no active prompts of split &#39;train&#39;" in refused.text
     stopped = client.post(
         f"/admin/evaluations/{running['id']}/stop", data={"csrf": csrf}, follow_redirects=False
     )

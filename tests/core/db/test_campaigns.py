@@ -15,6 +15,7 @@ from core.db.assignment import next_pair
 from core.db.campaigns import (
     AutoEvaluation,
     CampaignRunning,
+    NoPromptsToEvaluate,
     campaign_results,
     campaign_votes,
     create_eval_pair,
@@ -98,7 +99,7 @@ def version_side(session: Session, pair: Pair) -> str:
 def test_campaign_needs_prompts_and_one_at_a_time(
     session: Session, versions: tuple[int, int], eval_prompts: list[Prompt]
 ) -> None:
-    with pytest.raises(InvalidInput, match="no active prompts of split 'train'"):
+    with pytest.raises(NoPromptsToEvaluate, match="no active prompts of split 'train'"):
         start_campaign(session=session, version=1, baseline_version=0, target_votes=5, prompt_split="train")
     first = start_campaign(session=session, version=1, baseline_version=0, target_votes=5)
     with pytest.raises(CampaignRunning, match=f"campaign {first.id} "):
