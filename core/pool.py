@@ -146,10 +146,12 @@ def _refill(
     order = [item for rank in range(target) for per_prompt in wanted for item in per_prompt[rank : rank + 1]]
     # Keep jobs full: a judgement frees one slot, and sending a 1-pair job for it would undo the
     # worker's batching (pairs/s falls ~3x). A short remainder waits for more judgements while at
-    # least half the pool is still open or on its way; below that, annotators come first.
+    # least half the pool is still open or on its way, counting the full jobs sent now (without
+    # them, labelling that outpaced one refill by a few pairs sent 1-3 pair jobs: bench/loop.py
+    # measured 5.6 pairs per job of 8); below that, annotators come first.
     full = len(order) - len(order) % pairs_per_job
     on_hand = target * len(prompts) - len(order)  # open pairs plus pairs already queued
-    if full < len(order) and 2 * on_hand >= target * len(prompts):
+    if full < len(order) and 2 * (on_hand + full) >= target * len(prompts):
         order = order[:full]
     jobs = 0
     for start in range(0, len(order), pairs_per_job):

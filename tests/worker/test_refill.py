@@ -57,9 +57,9 @@ def test_a_redis_outage_does_not_fail_judgements(loop_settings, redis):
 
 
 def test_refill_batches_pairs_into_jobs_round_robin_and_workers_sample_them_together(loop_settings, redis):
-    """2 prompts x target 2 with 3 pairs per job: jobs of 3 and 1 pairs, the first covering both
-    prompts; every slot points at its job; a second refill adds nothing; the worker turns the two jobs
-    into exactly 4 pairs, 2 per prompt."""
+    """2 prompts x target 3 with 3 pairs per job: two jobs of 3 pairs, each covering both prompts;
+    every slot points at its job; a second refill adds nothing; the worker turns the two jobs into
+    exactly 6 pairs, 3 per prompt."""
     seed_database(loop_settings)
     sampling.install(build_sampler(loop_settings))
     sessions = make_session_factory(make_engine(loop_settings.database_url))
@@ -71,24 +71,24 @@ def test_refill_batches_pairs_into_jobs_round_robin_and_workers_sample_them_toge
                 session=session,
                 queue=queue,
                 redis=redis,
-                target_per_prompt=2,
+                target_per_prompt=3,
                 max_version_lag=2,
                 pairs_per_job=3,
             )
 
-    assert refill() == 4
+    assert refill() == 6
     assert queue.depth() == 2
     jobs = [Job.fetch(job_id, connection=redis) for job_id in queue.queue.job_ids]
-    assert [job.kwargs["prompt_ids"] for job in jobs] == [[1, 2, 1], [2]]
+    assert [job.kwargs["prompt_ids"] for job in jobs] == [[1, 2, 1], [2, 1, 2]]
     slots = RedisSlots(redis)
-    assert slots.get(1) == {"0": jobs[0].id, "1": jobs[0].id}
-    assert slots.get(2) == {"0": jobs[0].id, "1": jobs[1].id}
+    assert slots.get(1) == {"0": jobs[0].id, "1": jobs[0].id, "2": jobs[1].id}
+    assert slots.get(2) == {"0": jobs[0].id, "1": jobs[1].id, "2": jobs[1].id}
     assert refill() == 0
     SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis).work(burst=True)
-    assert [len(Job.fetch(job.id, connection=redis).return_value() or []) for job in jobs] == [3, 1]
+    assert [len(Job.fetch(job.id, connection=redis).return_value() or []) for job in jobs] == [3, 3]
     with sessions() as session:
         prompts = sorted(session.scalars(select(Pair.prompt_id)).all())
-    assert prompts == [1, 1, 2, 2]
+    assert prompts == [1, 1, 1, 2, 2, 2]
 
 
 def test_a_batched_job_draws_the_same_images_as_one_pair_jobs(loop_settings):
@@ -131,8 +131,8 @@ def test_a_batched_job_draws_the_same_images_as_one_pair_jobs(loop_settings):
 
 def test_single_judgements_do_not_send_one_pair_jobs_until_the_pool_runs_low(session, make_pair, redis):
     """2 prompts x target 4, 4 pairs per job, a full pool: freeing 1-3 pairs enqueues nothing (a job
-    would be part empty), freeing the 4th enqueues one full job; when less than half the pool is open,
-    a short job goes out at once so annotators never wait."""
+    would be part empty), freeing the 4th enqueues one full job; when less than half the pool is open
+    or on its way (full jobs sent now included), a short job goes out at once so annotators never wait."""
     from core.db.prompts import add_prompt
 
     second = add_prompt(session=session, text="a green triangle")
@@ -165,8 +165,18 @@ def test_single_judgements_do_not_send_one_pair_jobs_until_the_pool_runs_low(ses
     for pair in pairs[4:7]:
         close(pair)
     assert refill() == []
-    # the queue is lost (Redis restart): 1 open of 8, below half: the short job goes out now
+    # the queue is lost (Redis restart): 1 open + a full job of 4 = 5 on hand, half or more: the
+    # remaining 3 wait for a 4th
     redis.flushdb()
-    assert sorted(map(sorted, refill())) == sorted(
-        [[first_prompt, first_prompt, second.id, second.id], [first_prompt, first_prompt, second.id]]
+    assert sorted(map(sorted, refill())) == [[first_prompt, first_prompt, second.id, second.id]]
+    # with jobs larger than half the pool none is full, and 1 of 8 on hand is too few: the short
+    # job goes out now
+    redis.flushdb()
+    before = set(queue.queue.job_ids)
+    refill_pool(
+        session=session, queue=queue, redis=redis, target_per_prompt=4, max_version_lag=2, pairs_per_job=8
     )
+    (short,) = [
+        Job.fetch(j, connection=redis).kwargs["prompt_ids"] for j in queue.queue.job_ids if j not in before
+    ]
+    assert sorted(short) == sorted([first_prompt] * 4 + [second.id] * 3)
