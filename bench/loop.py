@@ -1,45 +1,51 @@
 """Benchmark the online loop on real Postgres and Redis: sampling rate, round time, hot-swap, latency.
 
-Prints the figures and writes them to bench/results/loop.json (or --out). On a scratch Postgres
-database and Redis db 14 it:
-1. fills the pool with an RQ SimpleWorker in this process -> pairs sampled per second per worker;
-2. labels every pair through the REST API with a programmatic labeller (brighter image wins);
+Prints the figures and writes them to bench/results/loop-refill.json (--refill off: loop.json; or
+--out). On a scratch Postgres database and Redis db 13 (--redis), with torch on one thread, it:
+1. fills the pool with the product's worker (`SamplingWorker`) in this process -> pairs sampled per
+   second per worker;
+2. labels through the REST API with a programmatic labeller (brighter image wins). With refill on
+   (the default, as deployed) the app's own PoolRefiller pokes the pool after each judgement and the
+   worker's refill tick runs, the worker takes jobs as they come while `--judgements` pairs are
+   labelled, and the figures are pairs per job (mean and histogram, next to the configured
+   `pool.pairs_per_job`) and pairs per second. With refill off it labels the pool sampled in 1;
 3. trains one round -> seconds per round, per optimizer step, and per pass over 100 pairs;
 4. has the worker take its next job -> hot-swap time, and the label-to-new-version latency: from
    the last label of the round to the first pair sampled by the new version. A deployed trainer
    polls every `dpo.poll_seconds`; that wait (on average half the interval) is reported apart.
+Each phase reports wall time and this process's CPU time (Postgres and Redis not included).
 
 Usage: python bench/loop.py [--model tiny:sd|PATH] [--prompts 4] [--pool 4] [--steps 20] [--round-steps 10]
-    [--pairs-per-job N] [--out bench/results/loop.json]
+    [--pairs-per-job N] [--refill on|off] [--judgements 48] [--think-seconds 0] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
-import uuid
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # after the repo root: bench/core.py must not shadow core/
 sys.path.append(str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import drop_database, scratch_database  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+from labelling import CountingWorker, label_all, label_while_sampling  # noqa: E402
 from redis import Redis  # noqa: E402
-from rq import Queue, SimpleWorker  # noqa: E402
+from rq import Queue  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from app.main import create_app  # noqa: E402
+from app.refill import rq_refiller  # noqa: E402
 from core.db import make_engine, make_session_factory  # noqa: E402
 from core.db.labellers import create_labeller  # noqa: E402
 from core.db.models import Pair  # noqa: E402
@@ -49,7 +55,7 @@ from core.pool import refill_pool  # noqa: E402
 from core.queue import QUEUE_NAME, RqSamplingQueue  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from trainer.main import build_trainer  # noqa: E402
-from worker.main import build_sampler  # noqa: E402
+from worker.main import build_sampler, start_refill_tick  # noqa: E402
 from worker.sampling import Sampler, install  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,23 +67,6 @@ PROMPTS = [
     "a red triangle below a green square",
     "a yellow circle",
 ]
-
-
-def brightness(png: bytes) -> float:
-    return float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32).mean())
-
-
-def label_all(client: TestClient, token: str) -> int:
-    headers = {"Authorization": f"Bearer {token}"}
-    n = 0
-    while (pair := client.get("/api/v1/pairs/next", headers=headers).json()["pair"]) is not None:
-        left = brightness(client.get(pair["left"]["url"], headers=headers).content)
-        right = brightness(client.get(pair["right"]["url"], headers=headers).content)
-        side = pair["left"]["side"] if left >= right else pair["right"]["side"]
-        body = {"pair_id": pair["pair_id"], "choice": side, "client_key": f"bench-{uuid.uuid4().hex}"}
-        client.post("/api/v1/judgements", headers=headers, json=body).raise_for_status()
-        n += 1
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +89,20 @@ def main(argv: list[str] | None = None) -> int:
             "DENSEALIGN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
         ),
     )
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
-    parser.add_argument("--out", default=str(RESULTS / "loop.json"))
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="its db is flushed")
+    parser.add_argument(
+        "--refill",
+        choices=("on", "off"),
+        default="on",
+        help="on (as deployed): label while the app's refiller and the worker keep the pool up",
+    )
+    parser.add_argument("--judgements", type=int, default=48, help="pairs to label with refill on")
+    parser.add_argument("--think-seconds", type=float, default=0.0, help="labeller pause per pair")
+    parser.add_argument("--out", default=None, help="default: results/loop-refill.json (off: loop.json)")
     args = parser.parse_args(argv)
+    out = Path(args.out or RESULTS / ("loop-refill.json" if args.refill == "on" else "loop.json"))
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    torch.set_num_threads(1)  # as `make test` and the 2-core compose run it; figures comparable
 
     redis = Redis.from_url(args.redis)
     redis.flushdb()
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             assert isinstance(sampler, Sampler)
             install(sampler)
             queue = RqSamplingQueue(redis)
-            worker = SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
+            worker = CountingWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
 
             def refill() -> int:
                 with sessions() as session:
@@ -152,31 +151,40 @@ def main(argv: list[str] | None = None) -> int:
 
             # 1. sampling throughput
             jobs = refill()
-            t0 = time.perf_counter()
-            worker.work(burst=True)
-            sample_s = time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
+            worker.work(burst=True, logging_level="WARNING")
+            sample_s, sample_cpu = time.perf_counter() - t0, time.process_time() - c0
             log(f"[sampling] {jobs} pairs in {sample_s:.1f}s ({settings.pool.pairs_per_job} per job)")
 
-            # 2. label everything through the API
+            # 2. label through the API
+            figures: dict[str, Any] = {}
             client = TestClient(create_app(settings))
-            t0 = time.perf_counter()
-            labelled = label_all(client, token)
-            label_s = time.perf_counter() - t0
+            if args.refill == "on":
+                figures["refill"] = label_with_refill(settings, sessions, token, worker, args)
+                print_refill(figures["refill"], log)
+                # Then as with refill off: sample what the last judgements asked for and label the
+                # pool, so the new version's pairs have room in it (step 4) and latency is comparable.
+                worker.work(burst=True, logging_level="WARNING")
+                labelled = figures["refill"]["judgements"] + label_all(client, token)
+            else:
+                t0 = time.perf_counter()
+                labelled = label_all(client, token)
+                figures["labels_per_second_api"] = labelled / (time.perf_counter() - t0)
+                log(f"[labelling] {labelled} judgements at {figures['labels_per_second_api']:.1f}/s")
             last_label = time.perf_counter()
-            log(f"[labelling] {labelled} judgements in {label_s:.1f}s")
 
             # 3. one training round
             steps_seen: list[int] = []
             trainer = build_trainer(settings, progress=lambda s, t: steps_seen.append(s))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             version = trainer.run_once()
-            round_s = time.perf_counter() - t0
+            round_s, round_cpu = time.perf_counter() - t0, time.process_time() - c0
             assert version == 1, version
             log(f"[training] round of {args.round_steps} steps on {labelled} pairs in {round_s:.1f}s")
 
             # 4. the worker's next job swaps version 1 in
             refill()
-            worker.work(burst=True, max_jobs=1)
+            worker.work(burst=True, max_jobs=1, logging_level="WARNING")
             first_new_pair = time.perf_counter()
             with sessions() as session:
                 assert session.scalar(select(Pair.id).where(Pair.policy_version == 1)) is not None
@@ -187,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 "device": torch.cuda.get_device_name()
                 if torch.cuda.is_available()
                 else f"cpu ({os.cpu_count()} cores)",
+                "torch_threads": torch.get_num_threads(),
                 "settings": {
+                    "refill": args.refill,
                     "prompts": args.prompts,
                     "pool_per_prompt": args.pool,
                     "ddim_steps": args.steps,
@@ -198,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "pairs_per_second_per_worker": jobs / sample_s,
                 "seconds_per_pair": sample_s / jobs,
-                "labels_per_second_api": labelled / label_s,
+                "sampling_cpu_seconds": sample_cpu,
+                "sampling_wall_seconds": sample_s,
+                **figures,
                 "round_seconds": round_s,
+                "round_cpu_seconds": round_cpu,
                 "seconds_per_optimizer_step": step_s,
                 "seconds_per_100_pairs_one_pass": step_s * 100 / args.pairs_per_step,
                 "hot_swap_seconds": sampler.last_swap_seconds,
@@ -210,12 +223,46 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         drop_database(args.postgres, url)
         redis.flushdb()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     log(json.dumps(result, indent=2))
     log(f"written to {out}")
     return 0
+
+
+def label_with_refill(
+    settings: Settings, sessions: Any, token: str, worker: CountingWorker, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Label `args.judgements` pairs with the deployed refill: the app's PoolRefiller and the
+    worker's refill tick, both as `densealign serve` and `densealign worker` build them."""
+    refiller = rq_refiller(settings, sessions)
+    client = TestClient(create_app(settings, session_factory=sessions, refiller=refiller))
+    stop = threading.Event()
+    tick = start_refill_tick(settings, worker.connection, stop)
+    try:
+        run = label_while_sampling(client, token, worker, args.judgements, args.think_seconds)
+    finally:
+        stop.set()
+        tick.join()
+        refiller.join()
+    return run.figures(settings.pool.pairs_per_job)
+
+
+def print_refill(figures: dict[str, Any], log: Any) -> None:
+    log(
+        f"[refill on] {figures['judgements']} judgements in {figures['wall_seconds']:.1f}s wall, "
+        f"{figures['cpu_seconds']:.1f}s CPU; labeller waited {figures['labeller_wait_seconds']:.1f}s for "
+        f"pairs, {figures['rate_limited_seconds']:.0f}s for the rate limit"
+    )
+    log(
+        f"[refill on] {figures['jobs']} jobs, {figures['pairs_sampled']} pairs: "
+        f"{figures['pairs_per_job_mean']:.2f} pairs per job (configured {figures['configured_pairs_per_job']}), "
+        f"sizes {figures['job_size_histogram']}"
+    )
+    log(
+        f"[refill on] {figures['pairs_per_second_while_sampling']:.2f} pairs/s while sampling, "
+        f"{figures['pairs_per_second_wall']:.2f} pairs/s over the run"
+    )
 
 
 if __name__ == "__main__":
