@@ -16,8 +16,8 @@ router = APIRouter(tags=["export"], dependencies=[BEARER])
 @router.get(
     "/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-ndjson": {}}, "description": "One judgement per line."}}
-    | ADMIN,
+    responses=ADMIN
+    | {200: {"content": {"application/x-ndjson": {}}, "description": "One judgement per line."}},
 )
 def export(session: SessionDep, settings: SettingsDep, _: CurrentAdmin) -> StreamingResponse:
     """Every judgement as JSON lines: prompt, image URLs, choice, labeller id, policy version, and per

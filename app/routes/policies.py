@@ -4,7 +4,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep
-from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, WRITE, error
+from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, WRITE, Responses, error
 from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic, VersionPath
 from core.db.errors import BaseHasNoLora
 from core.db.models import PolicyVersion
@@ -13,7 +13,7 @@ from core.storage import get_verified, verify_blob
 
 router = APIRouter(prefix="/policies", tags=["policies"], dependencies=[BEARER])
 # Only a database that `densealign migrate` never finished has versions but no current one.
-NO_CURRENT = {404: error("No version is current yet; run `densealign migrate`.")}
+NO_CURRENT: Responses = {404: error("No version is current yet; run `densealign migrate`.")}
 
 
 def _public(row: PolicyVersion, current: int | None) -> PolicyVersionPublic:
