@@ -292,12 +292,12 @@ class LabellerPublic(Public):
 class CampaignCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=0, le=MAX_ID, description="The version under evaluation.")
-    baseline_version: int = Field(
+    version: BodyInt = Field(ge=0, le=MAX_ID, description="The version under evaluation.")
+    baseline_version: BodyInt = Field(
         default=0, ge=0, le=MAX_ID, description="The version it is compared with (0 = the base model)."
     )
-    target_votes: int = Field(default=200, ge=1, le=1_000_000, description="Votes to collect.")
-    judgements_per_pair: int = Field(
+    target_votes: BodyInt = Field(default=200, ge=1, le=1_000_000, description="Votes to collect.")
+    judgements_per_pair: BodyInt = Field(
         default=1, ge=1, le=100, description="Votes per evaluation pair, each by a different person."
     )
     prompt_split: Literal["eval", "train"] = Field(

@@ -186,10 +186,12 @@ def _refill_eval(
         prompts = eval_prompt_ids(session=session, split=campaign.prompt_split)
         if not wanted or not prompts:
             continue
-        # as for training pairs: no part-filled job while at least half the campaign's pool is on hand
+        # as for training pairs: no part-filled job while at least half the campaign's pool is on hand,
+        # counting the full jobs this refill sends
         on_hand = sum(open_eval_pairs(session=session, campaign_id=campaign.id).values()) + len(busy)
-        if 2 * on_hand >= pool_pairs:
-            wanted -= wanted % pairs_per_job
+        full = wanted - wanted % pairs_per_job
+        if 2 * (on_hand + full) >= pool_pairs:
+            wanted = full
             if not wanted:
                 continue
         sampled = eval_pairs_per_prompt(session=session, campaign_id=campaign.id)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.db.assignment import Assignment, lease_for
 from core.db.base import utcnow
+from core.db.campaigns import finish_if_reached
 from core.db.errors import (
     AlreadyJudged,
     ClientKeyReused,
@@ -27,7 +28,6 @@ from core.db.errors import (
     UndoBlocked,
     UndoWindowPassed,
 )
-from core.db.campaigns import finish_if_reached
 from core.db.models import CHOICES, Judgement, Lease, Pair, Prompt
 from core.db.pairs import get_pair
 

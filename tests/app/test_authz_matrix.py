@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 from starlette.routing import Mount
 
 from core.db.assignment import next_pair
-from core.db.campaigns import list_campaigns, start_campaign
 from core.db.base import Base
+from core.db.campaigns import list_campaigns, start_campaign
 from core.db.judgements import record_judgement
 from core.db.labellers import create_invite, create_labeller, update_labeller
 from core.db.models import Labeller, Pair, Prompt

@@ -109,7 +109,7 @@ PAGE_POSTS = sorted(key for key in EXPECTED if key[0] == "POST" and not key[1].s
 
 
 def test_every_form_post_is_listed() -> None:
-    assert len(PAGE_POSTS) == 9  # invite, login, logout and six admin forms
+    assert len(PAGE_POSTS) == 11  # invite, login, logout and eight admin forms
 
 
 @pytest.mark.parametrize("route", PAGE_POSTS, ids=lambda r: r[1])

@@ -406,6 +406,11 @@ def test_refill_keeps_a_campaign_pool_in_full_jobs_spread_over_prompts(
     queue.done.add("job-3")
     for _ in range(3):
         judge(session, labeller, lambda pair: "a")
-    # job 3 ended without pairs (it failed for good): 1 open pair is under half the pool, so annotators
-    # come first and a part-filled job goes out with the full one
-    assert refill() == 7 and [len(ids) for _, ids in queue.jobs][3:] == [4, 3]
+    # job 3 ended without pairs (it failed for good): 1 open pair, 7 free slots; the full job of 4 brings
+    # half the pool on hand, so the 3 left wait for more votes
+    assert refill() == 4 and [len(ids) for _, ids in queue.jobs][3:] == [4]
+    for _ in range(1):
+        judge(session, labeller, lambda pair: "a")
+    queue.done.add("job-4")
+    # nothing open and nothing queued (job 4 made no pairs either): all 8, as full jobs
+    assert refill() == 8 and [len(ids) for _, ids in queue.jobs][4:] == [4, 4]
