@@ -45,7 +45,8 @@ def describe(campaign: EvalCampaign, result: WinRate) -> str:
         return f"{ours} is preferred to {theirs}: {figures}"
     if result.verdict == "worse":
         return f"{theirs} is preferred to {ours}: {figures}"
-    return f"no clear preference between {ours} and {theirs} yet: {figures}; the interval includes 50%"
+    still = " yet" if campaign.status == "running" else ""
+    return f"no clear preference between {ours} and {theirs}{still}: {figures}; the interval includes 50%"
 
 
 def campaign_public(campaign: EvalCampaign, result: WinRate) -> CampaignPublic:
