@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,17 @@ def test_readme_operator_path_from_a_fresh_database(operator_env: dict[str, str]
         rounds = scalar(select(func.count(TrainingRound.id)).where(TrainingRound.status == "done"))
         assert rounds == 1
 
-        # 5. the worker swaps version 1 in and samples with it
+        # 5. the worker swaps version 1 in and samples with it. The pool is full of version 0's pairs
+        #    (still within the version lag), so new pairs are sampled only as judgements free slots: judge
+        #    one full job's worth (2), as annotators would.
+        for _ in range(2):
+            served = httpx.get(f"{base}/api/v1/pairs/next", headers=auth, timeout=30).json()["pair"]
+            assert served is not None
+            body = {"pair_id": served["pair_id"], "choice": "tie", "client_key": uuid.uuid4().hex}
+            assert (
+                httpx.post(f"{base}/api/v1/judgements", json=body, headers=auth, timeout=30).status_code
+                == 201
+            )
         wait_for(
             lambda: scalar(select(func.count(Pair.id)).where(Pair.policy_version == 1)) > 0,
             "a pair sampled by version 1",

@@ -58,7 +58,9 @@ def test_next_pair_with_a_stale_scan_gives_nothing_rather_than_a_leased_pair(
     assert got is not None and got.pair.id == pair.id
     held = lease_row(session, pair.id)
 
-    def stale_scan(session: Session, labeller_id: int, now: dt.datetime, tried: set[int]) -> list[int]:
+    def stale_scan(
+        session: Session, labeller_id: int, now: dt.datetime, tried: set[int], kind: str = "train"
+    ) -> list[int]:
         return [] if pair.id in tried else [pair.id]  # the scan ran before the first lease was written
 
     monkeypatch.setattr(assignment, "_candidates", stale_scan)
