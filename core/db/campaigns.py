@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, aliased
 from core.db.base import utcnow
 from core.db.errors import Conflict, InvalidInput, NotFound, PairInvalid
 from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, PolicyVersion, Prompt, Trajectory
+from core.db.pairs import two_trajectories
 from core.db.policies import get_current_policy, get_policy_version, set_current_policy
 from core.eval_stats import Score, Vote, WinRate, bradley_terry, win_rate
 
@@ -356,13 +357,9 @@ def create_eval_pair(
     tell a curious labeller which image is the new version.
     """
     campaign = get_campaign(session=session, campaign_id=campaign_id)
-    ours = session.get(Trajectory, version_trajectory_id)
-    theirs = session.get(Trajectory, baseline_trajectory_id)
-    if ours is None or theirs is None:
-        missing = version_trajectory_id if ours is None else baseline_trajectory_id
-        raise PairInvalid(f"trajectory {missing} does not exist; insert both trajectories before the pair")
-    if ours.id == theirs.id:
-        raise PairInvalid(f"trajectory {ours.id} given twice; a pair needs two different trajectories")
+    ours, theirs = two_trajectories(
+        session=session, first_id=version_trajectory_id, second_id=baseline_trajectory_id
+    )
     if (ours.policy_version, theirs.policy_version) != (campaign.version, campaign.baseline_version):
         raise PairInvalid(
             f"trajectories {ours.id} (version {ours.policy_version}) and {theirs.id} (version "

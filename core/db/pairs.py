@@ -53,13 +53,7 @@ def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int,
     """Pair two trajectories of the same prompt and policy version."""
     if required < 1:
         raise InvalidInput(f"required judgements {required} must be at least 1")
-    a = session.get(Trajectory, trajectory_a_id)
-    b = session.get(Trajectory, trajectory_b_id)
-    if a is None or b is None:
-        missing = trajectory_a_id if a is None else trajectory_b_id
-        raise PairInvalid(f"trajectory {missing} does not exist; insert both trajectories before the pair")
-    if a.id == b.id:
-        raise PairInvalid(f"trajectory {a.id} given twice; a pair needs two different trajectories")
+    a, b = two_trajectories(session=session, first_id=trajectory_a_id, second_id=trajectory_b_id)
     if (a.prompt_id, a.policy_version) != (b.prompt_id, b.policy_version):
         raise PairInvalid(
             f"trajectories {a.id} (prompt {a.prompt_id}, version {a.policy_version}) and {b.id} "
@@ -76,6 +70,18 @@ def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int,
     session.add(pair)
     session.flush()
     return pair
+
+
+def two_trajectories(*, session: Session, first_id: int, second_id: int) -> tuple[Trajectory, Trajectory]:
+    """The two trajectories a new pair is made of: both must exist and be different."""
+    first = session.get(Trajectory, first_id)
+    second = session.get(Trajectory, second_id)
+    if first is None or second is None:
+        missing = first_id if first is None else second_id
+        raise PairInvalid(f"trajectory {missing} does not exist; insert both trajectories before the pair")
+    if first.id == second.id:
+        raise PairInvalid(f"trajectory {first.id} given twice; a pair needs two different trajectories")
+    return first, second
 
 
 def get_pair(*, session: Session, pair_id: int) -> Pair:
