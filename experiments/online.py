@@ -104,6 +104,10 @@ def run_cell(
             database_url=f"sqlite:///{tmp}/x.db",
             blob_dir=f"{tmp}/blobs",
             overlap_share=0.0,
+            # the labeller is this process's program, not a person: the per-person limit (a burst of 60)
+            # refused the 61st judgement of a 64-pair round with 429
+            judgement_rate_per_minute=1e6,
+            judgement_burst=1_000_000,
             model={"base_model": args.model, "device": args.device, "lora_rank": 4},  # type: ignore[arg-type]
             sampler={"num_steps": args.steps, "guidance_scale": 7.5},  # type: ignore[arg-type]
             dpo={  # type: ignore[arg-type]
