@@ -85,6 +85,14 @@ class Score:
     win_rate_vs_anchor: float  # logistic(score): the modelled chance it beats the anchor
 
 
+def figures(result: WinRate) -> str | None:
+    """The result in words for logs and pages ("62% of 40 votes, 95% interval 47% to 75%"); None
+    with no votes."""
+    if result.rate is None or result.low is None or result.high is None:
+        return None
+    return f"{result.rate:.0%} of {result.votes} votes, 95% interval {result.low:.0%} to {result.high:.0%}"
+
+
 def win_rate(
     votes: Sequence[Vote], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> WinRate:

@@ -53,3 +53,16 @@ class SampleEvalPairs:
 
     def kwargs(self) -> dict[str, Any]:
         return {"campaign_id": self.campaign_id, "prompt_ids": list(self.prompt_ids)}
+
+
+def in_full_jobs(wanted: int, *, on_hand: int, pool: int, pairs_per_job: int) -> int:
+    """How many of `wanted` missing pairs to sample now so that jobs stay full.
+
+    A judgement frees one slot, and sending a 1-pair job for it would undo the worker's batching
+    (pairs/s falls ~3x). So a remainder short of a full job waits for more judgements while at least
+    half the `pool` is still open or on its way (`on_hand`), counting the full jobs sent now (without
+    them, labelling that outpaced one refill by a few pairs sent 1-3 pair jobs: bench/loop.py measured
+    5.6 pairs per job of 8); below that, annotators come first and the remainder goes too.
+    """
+    full = wanted - wanted % pairs_per_job
+    return full if 2 * (on_hand + full) >= pool else wanted

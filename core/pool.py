@@ -25,12 +25,12 @@ from sqlalchemy.orm import Session
 from core.db.campaigns import (
     eval_pairs_per_prompt,
     eval_prompt_ids,
-    open_eval_pairs,
     pairs_wanted,
     running_campaigns,
 )
 from core.db.models import Pair, Prompt
 from core.db.policies import get_current_policy
+from core.jobs import in_full_jobs
 from core.queue import SamplingQueue
 
 logger = logging.getLogger(__name__)
@@ -144,15 +144,9 @@ def _refill(
         wanted.append([(prompt_id, slot) for slot in free[: max(0, deficit)]])
     # Round-robin over prompts, so the first job to finish serves as many prompts as possible.
     order = [item for rank in range(target) for per_prompt in wanted for item in per_prompt[rank : rank + 1]]
-    # Keep jobs full: a judgement frees one slot, and sending a 1-pair job for it would undo the
-    # worker's batching (pairs/s falls ~3x). A short remainder waits for more judgements while at
-    # least half the pool is still open or on its way, counting the full jobs sent now (without
-    # them, labelling that outpaced one refill by a few pairs sent 1-3 pair jobs: bench/loop.py
-    # measured 5.6 pairs per job of 8); below that, annotators come first.
-    full = len(order) - len(order) % pairs_per_job
-    on_hand = target * len(prompts) - len(order)  # open pairs plus pairs already queued
-    if full < len(order) and 2 * (on_hand + full) >= target * len(prompts):
-        order = order[:full]
+    pool = target * len(prompts)
+    on_hand = pool - len(order)  # open pairs plus pairs already queued
+    order = order[: in_full_jobs(len(order), on_hand=on_hand, pool=pool, pairs_per_job=pairs_per_job)]
     jobs = 0
     for start in range(0, len(order), pairs_per_job):
         chunk = order[start : start + pairs_per_job]
@@ -182,18 +176,16 @@ def _refill_eval(
     for campaign in running_campaigns(session=session):
         owner = f"eval:{campaign.id}"
         busy = {slot for slot, job_id in slots.get(owner).items() if queue.is_active(job_id)}
-        wanted = pairs_wanted(session=session, campaign=campaign, pool_pairs=pool_pairs, queued=len(busy))
+        wanted = pairs_wanted(
+            session=session,
+            campaign=campaign,
+            pool_pairs=pool_pairs,
+            queued=len(busy),
+            pairs_per_job=pairs_per_job,
+        )
         prompts = eval_prompt_ids(session=session, split=campaign.prompt_split)
         if not wanted or not prompts:
             continue
-        # as for training pairs: no part-filled job while at least half the campaign's pool is on hand,
-        # counting the full jobs this refill sends
-        on_hand = sum(open_eval_pairs(session=session, campaign_id=campaign.id).values()) + len(busy)
-        full = wanted - wanted % pairs_per_job
-        if 2 * (on_hand + full) >= pool_pairs:
-            wanted = full
-            if not wanted:
-                continue
         sampled = eval_pairs_per_prompt(session=session, campaign_id=campaign.id)
         free = [str(s) for s in range(pool_pairs) if str(s) not in busy][:wanted]
         chosen = []

@@ -29,7 +29,7 @@ from core.db.campaigns import (
 )
 from core.db.models import EvalCampaign
 from core.db.policies import get_policy_version
-from core.eval_stats import Score, WinRate
+from core.eval_stats import Score, WinRate, figures
 from core.settings import Settings
 
 router = APIRouter(tags=["evaluations"], dependencies=[BEARER])
@@ -38,15 +38,15 @@ router = APIRouter(tags=["evaluations"], dependencies=[BEARER])
 def describe(campaign: EvalCampaign, result: WinRate) -> str:
     """The result in one sentence, saying plainly when the interval includes 50%."""
     ours, theirs = f"version {campaign.version}", f"version {campaign.baseline_version}"
-    if result.rate is None or result.low is None or result.high is None:
+    said = figures(result)
+    if said is None:
         return f"no votes yet (0 of {campaign.target_votes})"
-    figures = f"{result.rate:.0%} of {result.votes} votes, 95% interval {result.low:.0%} to {result.high:.0%}"
     if result.verdict == "better":
-        return f"{ours} is preferred to {theirs}: {figures}"
+        return f"{ours} is preferred to {theirs}: {said}"
     if result.verdict == "worse":
-        return f"{theirs} is preferred to {ours}: {figures}"
+        return f"{theirs} is preferred to {ours}: {said}"
     still = " yet" if campaign.status == "running" else ""
-    return f"no clear preference between {ours} and {theirs}{still}: {figures}; the interval includes 50%"
+    return f"no clear preference between {ours} and {theirs}{still}: {said}; the interval includes 50%"
 
 
 def campaign_public(campaign: EvalCampaign, result: WinRate) -> CampaignPublic:

@@ -24,7 +24,8 @@ from core.db.errors import Conflict, InvalidInput, NotFound, PairInvalid
 from core.db.models import SPLITS, EvalCampaign, Judgement, Pair, PolicyVersion, Prompt, Trajectory
 from core.db.pairs import two_trajectories
 from core.db.policies import get_current_policy, get_policy_version, set_current_policy
-from core.eval_stats import Score, Vote, WinRate, bradley_terry, win_rate
+from core.eval_stats import Score, Vote, WinRate, bradley_terry, figures, win_rate
+from core.jobs import in_full_jobs
 
 
 class CampaignNotFound(NotFound):
@@ -258,27 +259,28 @@ def _promote_if_won(session: Session, campaign: EvalCampaign) -> str:
     """The gate's decision at the end of a campaign, applied; returns it as a sentence."""
     result = win_rate(campaign_votes(session=session, campaign_ids=[campaign.id]))
     current = get_current_policy(session=session).version
-    figures = (
-        f"{result.rate:.0%} of {result.votes} votes, 95% interval {result.low:.0%} to {result.high:.0%}"
-        if result.rate is not None and result.low is not None and result.high is not None
-        else "no votes"
-    )
+    said = figures(result) or "no votes"
     if result.verdict != "better":
         return (
             f"not promoted: people did not clearly prefer version {campaign.version} to version "
-            f"{campaign.baseline_version} ({figures})"
+            f"{campaign.baseline_version} ({said})"
         )
     if current != campaign.baseline_version:
         return (
-            f"not promoted: it beat version {campaign.baseline_version} ({figures}), but version {current} "
+            f"not promoted: it beat version {campaign.baseline_version} ({said}), but version {current} "
             "has become current since; start a campaign against it"
         )
     set_current_policy(session=session, version=campaign.version)
-    return f"promoted: version {campaign.version} beat version {campaign.baseline_version} ({figures})"
+    return f"promoted: version {campaign.version} beat version {campaign.baseline_version} ({said})"
 
 
 def campaign_votes(*, session: Session, campaign_ids: Sequence[int] | None = None) -> list[Vote]:
-    """Every vote of the given campaigns (all campaigns when None), as `core.eval_stats.Vote`s.
+    """Every vote of the given campaigns (all campaigns when None), as `core.eval_stats.Vote`s."""
+    return [vote for _, vote in _votes(session, campaign_ids)]
+
+
+def _votes(session: Session, campaign_ids: Sequence[int] | None) -> list[tuple[int, Vote]]:
+    """(campaign id, vote) for every vote of the campaigns, in judgement order, from one query.
 
     A choice of the side whose trajectory is the campaign's version is a win (in an A/A campaign,
     where both sides are that version, side a counts as the version).
@@ -286,6 +288,7 @@ def campaign_votes(*, session: Session, campaign_ids: Sequence[int] | None = Non
     traj_a = aliased(Trajectory)
     query = (
         select(
+            EvalCampaign.id,
             Pair.prompt_id,
             EvalCampaign.version,
             EvalCampaign.baseline_version,
@@ -301,21 +304,11 @@ def campaign_votes(*, session: Session, campaign_ids: Sequence[int] | None = Non
     if campaign_ids is not None:
         query = query.where(Pair.campaign_id.in_(list(campaign_ids)))
     votes = []
-    for prompt_id, version, baseline, version_a, choice in session.execute(query):
+    for campaign_id, prompt_id, version, baseline, version_a, choice in session.execute(query):
         version_side = "a" if version_a == version else "b"
         outcome = "tie" if choice == "tie" else ("win" if choice == version_side else "loss")
-        votes.append(Vote(prompt_id, version, baseline, outcome))
+        votes.append((campaign_id, Vote(prompt_id, version, baseline, outcome)))
     return votes
-
-
-def open_eval_pairs(*, session: Session, campaign_id: int) -> dict[int, int]:
-    """Per prompt, the campaign's pairs still wanting votes."""
-    rows = session.execute(
-        select(Pair.prompt_id, func.count(Pair.id))
-        .where(Pair.campaign_id == campaign_id, Pair.judgement_count < Pair.required_judgements)
-        .group_by(Pair.prompt_id)
-    )
-    return {prompt_id: n for prompt_id, n in rows}
 
 
 def eval_pairs_per_prompt(*, session: Session, campaign_id: int) -> dict[int, int]:
@@ -328,19 +321,22 @@ def eval_pairs_per_prompt(*, session: Session, campaign_id: int) -> dict[int, in
     return {prompt_id: n for prompt_id, n in rows}
 
 
-def pairs_wanted(*, session: Session, campaign: EvalCampaign, pool_pairs: int, queued: int) -> int:
+def pairs_wanted(
+    *, session: Session, campaign: EvalCampaign, pool_pairs: int, queued: int, pairs_per_job: int = 1
+) -> int:
     """How many more evaluation pairs to sample now: enough to collect the votes still missing, at most
-    `pool_pairs` waiting at a time (`queued`: pairs already on their way in sampling jobs)."""
+    `pool_pairs` waiting at a time (`queued`: pairs already on their way in sampling jobs), in jobs of
+    `pairs_per_job` kept full as the training pool's are (`core.jobs.in_full_jobs`)."""
     votes = vote_counts(session=session, campaign_ids=[campaign.id]).get(campaign.id, 0)
-    open_capacity = session.scalar(
-        select(func.coalesce(func.sum(Pair.required_judgements - Pair.judgement_count), 0)).where(
-            Pair.campaign_id == campaign.id, Pair.judgement_count < Pair.required_judgements
-        )
-    )
-    missing_votes = campaign.target_votes - votes - int(open_capacity or 0)
-    open_pairs = sum(open_eval_pairs(session=session, campaign_id=campaign.id).values())
+    open_pairs, open_capacity = session.execute(
+        select(
+            func.count(Pair.id), func.coalesce(func.sum(Pair.required_judgements - Pair.judgement_count), 0)
+        ).where(Pair.campaign_id == campaign.id, Pair.judgement_count < Pair.required_judgements)
+    ).one()
+    missing_votes = campaign.target_votes - votes - int(open_capacity)
     by_votes = math.ceil(max(0, missing_votes) / campaign.judgements_per_pair) - queued
-    return max(0, min(pool_pairs - open_pairs - queued, by_votes))
+    wanted = max(0, min(pool_pairs - open_pairs - queued, by_votes))
+    return in_full_jobs(wanted, on_hand=open_pairs + queued, pool=pool_pairs, pairs_per_job=pairs_per_job)
 
 
 def create_eval_pair(
@@ -387,7 +383,10 @@ def create_eval_pair(
 
 def campaign_results(*, session: Session, campaigns: Sequence[EvalCampaign]) -> dict[int, WinRate]:
     """Each campaign's win rate of its version over its baseline, with intervals (core.eval_stats)."""
-    return {c.id: win_rate(campaign_votes(session=session, campaign_ids=[c.id])) for c in campaigns}
+    by_campaign: dict[int, list[Vote]] = {c.id: [] for c in campaigns}
+    for campaign_id, vote in _votes(session, list(by_campaign)):
+        by_campaign[campaign_id].append(vote)
+    return {campaign_id: win_rate(votes) for campaign_id, votes in by_campaign.items()}
 
 
 def version_scores(*, session: Session) -> list[Score]:
