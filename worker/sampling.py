@@ -133,10 +133,7 @@ class Sampler:
                 traj_key, image_key = f"trajectories/{stem}.safetensors", f"images/{stem}.png"
                 self.blobs.put(traj_key, batch.trajectory(i).to_bytes())
                 written.append(traj_key)
-                png = io.BytesIO()
-                image.save(png, format="PNG")
-                self.blobs.put(image_key, png.getvalue())
-                written.append(image_key)
+                self._put_png(written, image_key, image)
                 keys.append((traj_key, image_key))
             pair_ids = []
             with self.sessions() as session, session.begin():
@@ -214,7 +211,11 @@ class Sampler:
         try:
             keys = [
                 [
-                    self._put_png(written, f"eval/c{campaign_id}/v{row.version}/p{pid}", image)
+                    self._put_png(
+                        written,
+                        f"images/eval/c{campaign_id}/v{row.version}/p{pid}/{uuid.uuid4().hex}.png",
+                        image,
+                    )
                     for pid, image in zip(prompt_ids, side, strict=True)
                 ]
                 for row, side in zip(sides, images, strict=True)
@@ -252,8 +253,8 @@ class Sampler:
         )
         return pair_ids
 
-    def _put_png(self, written: list[str], stem: str, image: Image.Image) -> str:
-        key = f"images/{stem}/{uuid.uuid4().hex}.png"
+    def _put_png(self, written: list[str], key: str, image: Image.Image) -> str:
+        """Store `image` as a PNG under `key`, noting the key in `written` (deleted if the job fails)."""
         png = io.BytesIO()
         image.save(png, format="PNG")
         self.blobs.put(key, png.getvalue())
