@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     refiller = PoolRefiller(
         sessions=sessions,
         queue=queue,
-        redis=None,
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
         pairs_per_job=settings.pool.pairs_per_job,
@@ -288,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         refill_pool(
             session=session,
             queue=queue,
-            redis=None,
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
             pairs_per_job=settings.pool.pairs_per_job,

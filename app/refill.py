@@ -28,7 +28,6 @@ class PoolRefiller:
         *,
         sessions: sessionmaker[Session],
         queue: SamplingQueue,
-        redis: Any | None,
         target_per_prompt: int,
         max_version_lag: int,
         pairs_per_job: int = 1,
@@ -38,7 +37,6 @@ class PoolRefiller:
     ) -> None:
         self._sessions = sessions
         self._queue = queue
-        self._redis = redis
         self._target = target_per_prompt
         self._lag = max_version_lag
         self._pairs_per_job = pairs_per_job
@@ -83,7 +81,6 @@ class PoolRefiller:
                 return refill_pool(
                     session=session,
                     queue=self._queue,
-                    redis=self._redis,
                     target_per_prompt=self._target,
                     max_version_lag=self._lag,
                     pairs_per_job=self._pairs_per_job,
@@ -114,7 +111,6 @@ def rq_refiller(settings: Any, sessions: sessionmaker[Session]) -> PoolRefiller:
     return PoolRefiller(
         sessions=sessions,
         queue=RqSamplingQueue(redis, retries=settings.pool.job_retries),
-        redis=redis,
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
         pairs_per_job=settings.pool.pairs_per_job,

@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
                     return refill_pool(
                         session=session,
                         queue=queue,
-                        redis=redis,
                         target_per_prompt=args.pool,
                         max_version_lag=2,
                         pairs_per_job=settings.pool.pairs_per_job,

@@ -2,10 +2,10 @@
 
 For each active training prompt the target is `target_per_prompt` pairs that still need judgements
 (from policy versions at most `max_version_lag` behind the current one) plus sampling jobs already
-queued or running for it. Each prompt has that many job slots, kept in a Redis hash
-(slot -> job id); a slot is free when its job is gone, finished or failed for good. A Redis lock
-serialises refills from the app, the workers' ticks and the trainer, so no work is enqueued twice
-beyond the target. Missing pairs are grouped into jobs of up to `pairs_per_job` pairs (slot 0 of
+queued or running for it. Each prompt has that many job slots (slot -> job id), kept by the queue
+(`core.queue`: Redis hashes for RQ, memory for the embedded queue); a slot is free when its job is
+gone, finished or failed for good. The queue hands its slots to one refill at a time (a Redis lock
+across the app and the workers' ticks), so no work is enqueued twice beyond the target. Missing pairs are grouped into jobs of up to `pairs_per_job` pairs (slot 0 of
 every prompt first, so one job spreads over prompts): a worker samples a job's pairs in one batched
 pass of the model, which is several times faster than one pair at a time. So a single judgement
 does not send a 1-pair job, a partly filled job waits until the missing pairs fill it, unless less
@@ -16,8 +16,6 @@ refill simply tops the pool up again.
 from __future__ import annotations
 
 import logging
-import threading
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -31,16 +29,9 @@ from core.db.campaigns import (
 from core.db.models import Pair, Prompt
 from core.db.policies import get_current_policy
 from core.jobs import in_full_jobs
-from core.queue import SamplingQueue
+from core.queue import JobSlots, SamplingQueue
 
 logger = logging.getLogger(__name__)
-
-LOCK_KEY = "densealign:pool:lock"
-
-
-def slots_key(owner: int | str) -> str:
-    """Redis hash of job slots of a prompt (its id) or of an evaluation campaign ("eval:<id>")."""
-    return f"densealign:pool:slots:{owner}"
 
 
 def open_pairs_by_prompt(*, session: Session, min_version: int) -> dict[int, int]:
@@ -54,36 +45,10 @@ def open_pairs_by_prompt(*, session: Session, min_version: int) -> dict[int, int
     return {prompt_id: count for prompt_id, count in rows}
 
 
-class MemorySlots:
-    """Job slots kept in this process (the embedded mode, where there is no Redis)."""
-
-    def __init__(self) -> None:
-        self._slots: dict[int | str, dict[str, str]] = {}
-        self.lock = threading.Lock()
-
-    def get(self, owner: int | str) -> dict[str, str]:
-        return dict(self._slots.get(owner, {}))
-
-    def set(self, owner: int | str, slot: str, job_id: str) -> None:
-        self._slots.setdefault(owner, {})[slot] = job_id
-
-
-class RedisSlots:
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis
-
-    def get(self, owner: int | str) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in self.redis.hgetall(slots_key(owner)).items()}
-
-    def set(self, owner: int | str, slot: str, job_id: str) -> None:
-        self.redis.hset(slots_key(owner), slot, job_id)
-
-
 def refill_pool(
     *,
     session: Session,
     queue: SamplingQueue,
-    redis: Any | None,
     target_per_prompt: int,
     max_version_lag: int,
     pairs_per_job: int = 1,
@@ -92,39 +57,21 @@ def refill_pool(
     """Enqueue sampling jobs for prompts below target, and for running evaluation campaigns below
     `eval_pool_pairs` open pairs; returns how many pairs they will sample.
 
-    With `redis`, slots and the lock live in Redis (many processes); without, the queue must carry
-    its own `slots` (a `MemorySlots`, as the embedded `ThreadQueue` does).
+    The queue's job slots are held for the whole refill (a Redis lock for RQ, so the app and every
+    worker's tick never enqueue the same work twice); when another process holds them, nothing is done.
     """
-    if redis is None:
-        slots = getattr(queue, "slots", None)
-        if not isinstance(slots, MemorySlots):
-            raise ValueError(
-                "without Redis, the queue must keep its own job slots (use core.queue.ThreadQueue)"
-            )
-        with slots.lock:
-            return _refill(
-                session, queue, slots, target_per_prompt, max_version_lag, pairs_per_job
-            ) + _refill_eval(session, queue, slots, eval_pool_pairs, pairs_per_job)
-    lock = redis.lock(LOCK_KEY, timeout=60, blocking_timeout=10)
-    if not lock.acquire():
-        logger.info("another process is refilling the pool; skipping this tick")
-        return 0
-    try:
-        slots = RedisSlots(redis)
+    with queue.claim_slots() as slots:
+        if slots is None:
+            return 0
         return _refill(
             session, queue, slots, target_per_prompt, max_version_lag, pairs_per_job
         ) + _refill_eval(session, queue, slots, eval_pool_pairs, pairs_per_job)
-    finally:
-        try:
-            lock.release()
-        except Exception:  # the lock expired: harmless, the next refill re-counts
-            logger.warning("pool lock expired before release")
 
 
 def _refill(
     session: Session,
     queue: SamplingQueue,
-    slots: MemorySlots | RedisSlots,
+    slots: JobSlots,
     target: int,
     lag: int,
     pairs_per_job: int,
@@ -167,7 +114,7 @@ def _refill(
 def _refill_eval(
     session: Session,
     queue: SamplingQueue,
-    slots: MemorySlots | RedisSlots,
+    slots: JobSlots,
     pool_pairs: int,
     pairs_per_job: int,
 ) -> int:
@@ -200,7 +147,3 @@ def _refill_eval(
         total += len(free)
         logger.info("evaluation campaign %d: enqueued %d pairs", campaign.id, len(free))
     return total
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

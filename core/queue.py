@@ -8,7 +8,10 @@ re-creates whatever is missing from Postgres).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import queue as stdlib_queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 from core.jobs import SAMPLE_EVAL_PAIRS, SAMPLE_PAIRS, SampleEvalPairs, SamplePairs
@@ -17,9 +20,54 @@ logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "sampling"
 ACTIVE_STATUSES = {"queued", "started", "deferred", "scheduled"}
+LOCK_KEY = "densealign:pool:lock"
+
+
+def slots_key(owner: int | str) -> str:
+    """Redis hash of job slots of a prompt (its id) or of an evaluation campaign ("eval:<id>")."""
+    return f"densealign:pool:slots:{owner}"
+
+
+class JobSlots(Protocol):
+    """Which job fills each slot of an owner's share of the pool (slot -> job id)."""
+
+    def get(self, owner: int | str) -> dict[str, str]: ...
+
+    def set(self, owner: int | str, slot: str, job_id: str) -> None: ...
+
+
+class MemorySlots:
+    """Job slots kept in this process (the embedded mode, where there is no Redis)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int | str, dict[str, str]] = {}
+
+    def get(self, owner: int | str) -> dict[str, str]:
+        return dict(self._slots.get(owner, {}))
+
+    def set(self, owner: int | str, slot: str, job_id: str) -> None:
+        self._slots.setdefault(owner, {})[slot] = job_id
+
+
+class RedisSlots:
+    """Job slots in Redis hashes, shared by every process that refills (app, workers' ticks)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    def get(self, owner: int | str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(slots_key(owner)).items()}
+
+    def set(self, owner: int | str, slot: str, job_id: str) -> None:
+        self.redis.hset(slots_key(owner), slot, job_id)
 
 
 class SamplingQueue(Protocol):
+    def claim_slots(self) -> AbstractContextManager[JobSlots | None]:
+        """This queue's job slots, held by the caller alone until the block ends (one refill at a
+        time); None when another process holds them (skip this refill)."""
+        ...
+
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
         """Queue one job that samples a pair for each of `prompt_ids` in one batch; returns its id."""
         ...
@@ -60,6 +108,21 @@ class RqSamplingQueue:
         self.retry_intervals = list(retry_intervals)
         self.job_timeout = job_timeout
         self.queue = Queue(name, connection=redis)
+
+    @contextmanager
+    def claim_slots(self) -> Iterator[JobSlots | None]:
+        lock = self.redis.lock(LOCK_KEY, timeout=60, blocking_timeout=10)
+        if not lock.acquire():
+            logger.info("another process is refilling the pool; skipping this tick")
+            yield None
+            return
+        try:
+            yield RedisSlots(self.redis)
+        finally:
+            try:
+                lock.release()
+            except Exception:  # the lock expired: harmless, the next refill re-counts
+                logger.warning("pool lock expired before release")
 
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
         payload = SamplePairs(prompt_ids=tuple(prompt_ids))
@@ -119,22 +182,23 @@ class ThreadQueue:
     """Jobs run by worker threads of this process (the embedded mode: no Redis, no RQ).
 
     `run_worker(handler, stop)` serves jobs until `stop` is set, calling `handler(prompt_ids)` once per
-    job; a failed job is retried (all its pairs) up to `retries` times. `slots` lets `core.pool.refill_pool` track jobs per prompt without Redis.
+    job; a failed job is retried (all its pairs) up to `retries` times. Its job slots live in memory.
     """
 
     def __init__(self, *, retries: int = 3) -> None:
-        import queue as stdlib_queue
-        import threading
-
-        from core.pool import MemorySlots
-
         self.retries = retries
         self.slots = MemorySlots()
+        self._slots_lock = threading.Lock()
         # (job id, campaign id for an evaluation job or None, prompt ids, attempt)
         self._jobs: stdlib_queue.Queue[tuple[str, int | None, tuple[int, ...], int]] = stdlib_queue.Queue()
         self._status: dict[str, str] = {}
         self._lock = threading.Lock()
         self._counter = 0
+
+    @contextmanager
+    def claim_slots(self) -> Iterator[JobSlots | None]:
+        with self._slots_lock:
+            yield self.slots
 
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
         return self._put(None, SamplePairs(prompt_ids=tuple(prompt_ids)).prompt_ids)
@@ -169,8 +233,6 @@ class ThreadQueue:
     ) -> None:
         """Serve jobs until `stop` is set: `handler(prompt_ids)` for training pairs and
         `eval_handler(campaign_id, prompt_ids)` for evaluation pairs."""
-        import queue as stdlib_queue
-
         while not stop.is_set():
             try:
                 job_id, campaign_id, prompt_ids, attempt = self._jobs.get(timeout=poll)
@@ -201,3 +263,7 @@ class ThreadQueue:
                 continue
             with self._lock:
                 self._status[job_id] = "finished"
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

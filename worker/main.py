@@ -86,7 +86,6 @@ def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) 
                     refill_pool(
                         session=session,
                         queue=queue,
-                        redis=redis,
                         target_per_prompt=settings.pool.target_per_prompt,
                         max_version_lag=settings.dpo.max_version_lag,
                         pairs_per_job=settings.pool.pairs_per_job,

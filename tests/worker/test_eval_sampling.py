@@ -89,7 +89,6 @@ def test_eval_jobs_pin_each_side_and_share_the_noise(
         queued = refill_pool(
             session=session,
             queue=queue,
-            redis=redis,
             target_per_prompt=1,
             max_version_lag=2,
             pairs_per_job=8,

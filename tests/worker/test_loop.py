@@ -51,7 +51,6 @@ def refill_and_work(settings: Settings, redis: Any) -> int:
         n = refill_pool(
             session=session,
             queue=queue,
-            redis=redis,
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
             pairs_per_job=settings.pool.pairs_per_job,

@@ -13,8 +13,8 @@ from app.main import create_app
 from app.refill import PoolRefiller
 from core.db import make_engine, make_session_factory
 from core.db.models import Pair
-from core.pool import RedisSlots, refill_pool
-from core.queue import QUEUE_NAME, RqSamplingQueue
+from core.pool import refill_pool
+from core.queue import QUEUE_NAME, RedisSlots, RqSamplingQueue
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
 from worker import sampling
 from worker.main import build_sampler
@@ -29,7 +29,7 @@ def test_judgements_refill_the_pool(loop_settings, redis):
     sessions = make_session_factory(make_engine(loop_settings.database_url))
     queue = RqSamplingQueue(redis)
     refiller = PoolRefiller(
-        sessions=sessions, queue=queue, redis=redis, target_per_prompt=2, max_version_lag=2, min_interval=0.0
+        sessions=sessions, queue=queue, target_per_prompt=2, max_version_lag=2, min_interval=0.0
     )
     client = TestClient(create_app(loop_settings, session_factory=sessions, refiller=refiller))
     assert queue.depth() == 0
@@ -48,7 +48,7 @@ def test_a_redis_outage_does_not_fail_judgements(loop_settings, redis):
     sessions = make_session_factory(make_engine(loop_settings.database_url))
     dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     refiller = PoolRefiller(
-        sessions=sessions, queue=RqSamplingQueue(dead), redis=dead, target_per_prompt=2, max_version_lag=2
+        sessions=sessions, queue=RqSamplingQueue(dead), target_per_prompt=2, max_version_lag=2
     )
     client = TestClient(create_app(loop_settings, session_factory=sessions, refiller=refiller))
     assert label_everything(client, token) == 4
@@ -70,7 +70,6 @@ def test_refill_batches_pairs_into_jobs_round_robin_and_workers_sample_them_toge
             return refill_pool(
                 session=session,
                 queue=queue,
-                redis=redis,
                 target_per_prompt=3,
                 max_version_lag=2,
                 pairs_per_job=3,
@@ -141,9 +140,7 @@ def test_single_judgements_do_not_send_one_pair_jobs_until_the_pool_runs_low(ses
 
     def refill() -> list[list[int]]:
         before = set(queue.queue.job_ids)
-        refill_pool(
-            session=session, queue=queue, redis=redis, target_per_prompt=4, max_version_lag=2, pairs_per_job=4
-        )
+        refill_pool(session=session, queue=queue, target_per_prompt=4, max_version_lag=2, pairs_per_job=4)
         return [
             Job.fetch(j, connection=redis).kwargs["prompt_ids"]
             for j in queue.queue.job_ids
@@ -173,9 +170,7 @@ def test_single_judgements_do_not_send_one_pair_jobs_until_the_pool_runs_low(ses
     # job goes out now
     redis.flushdb()
     before = set(queue.queue.job_ids)
-    refill_pool(
-        session=session, queue=queue, redis=redis, target_per_prompt=4, max_version_lag=2, pairs_per_job=8
-    )
+    refill_pool(session=session, queue=queue, target_per_prompt=4, max_version_lag=2, pairs_per_job=8)
     (short,) = [
         Job.fetch(j, connection=redis).kwargs["prompt_ids"] for j in queue.queue.job_ids if j not in before
     ]

@@ -72,7 +72,6 @@ def sample_with_the_worker(settings: Settings, redis: Any) -> list[int]:
         queued = refill_pool(
             session=session,
             queue=RqSamplingQueue(redis, retries=settings.pool.job_retries),
-            redis=redis,
             target_per_prompt=settings.pool.target_per_prompt,
             max_version_lag=settings.dpo.max_version_lag,
             pairs_per_job=settings.pool.pairs_per_job,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy.orm import Session
@@ -31,7 +32,8 @@ from core.db.pairs import create_trajectory
 from core.db.policies import get_current_policy, publish_policy_version, set_current_policy
 from core.db.prompts import add_prompt
 from core.db.training import fresh_pair_groups, preference_pairs, record_round_pairs, start_training_round
-from core.pool import MemorySlots, refill_pool
+from core.pool import refill_pool
+from core.queue import MemorySlots
 
 SAMPLER = {"num_steps": 3}
 
@@ -345,6 +347,10 @@ class RecordingQueue:
         self.jobs: list[tuple[int, list[int]]] = []
         self.done: set[str] = set()
 
+    @contextmanager
+    def claim_slots(self) -> Iterator[MemorySlots]:
+        yield self.slots
+
     def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
         self.jobs.append((campaign_id, prompt_ids))
         return f"job-{len(self.jobs)}"
@@ -375,7 +381,6 @@ def test_refill_keeps_a_campaign_pool_in_full_jobs_spread_over_prompts(
         return refill_pool(
             session=session,
             queue=queue,  # type: ignore[arg-type]
-            redis=None,
             target_per_prompt=2,
             max_version_lag=2,
             pairs_per_job=4,
