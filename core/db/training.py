@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session, aliased
 
 from core.db.base import utcnow
@@ -32,6 +32,10 @@ class PreferencePair:
     votes: int  # a/b/tie votes behind the decision
     # The sampler settings both trajectories were drawn with; None when they disagree (never trained on).
     sampler: SamplerGroup | None = None
+    # Blob keys of the two trajectories' latents; filled by `round_preference_pairs` (what the trainer
+    # loads), None elsewhere.
+    winner_latents_key: str | None = None
+    loser_latents_key: str | None = None
 
 
 def majority(choices: Collection[str]) -> str | None:
@@ -208,22 +212,30 @@ def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[Pre
 
 
 def round_preference_pairs(*, session: Session, round_id: int) -> list[PreferencePair]:
-    """The pairs recorded for a round, in a fixed order, as they were decided when it started."""
-    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
+    """The pairs recorded for a round, in a fixed order, as they were decided when it started: prompt,
+    winner and loser trajectory ids with their latents keys, votes and sampler group, in one query.
+
+    The recorded side ('a' or 'b') is turned into winner and loser here, in SQL, once."""
+    win, lose = aliased(Trajectory), aliased(Trajectory)
+    a_won = TrainingRoundPair.winner == "a"
+    winner_id = case((a_won, Pair.trajectory_a_id), else_=Pair.trajectory_b_id)
+    loser_id = case((a_won, Pair.trajectory_b_id), else_=Pair.trajectory_a_id)
     rows = session.execute(
-        select(Pair, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.judgements)
-        .add_columns(traj_a.sampler, traj_b.sampler)
+        select(
+            Pair.id, Pair.policy_version, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.judgements
+        )
+        .add_columns(win.id, lose.id, win.latents_key, lose.latents_key, win.sampler, lose.sampler)
         .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
-        .join(traj_a, traj_a.id == Pair.trajectory_a_id)
-        .join(traj_b, traj_b.id == Pair.trajectory_b_id)
+        .join(win, win.id == winner_id)
+        .join(lose, lose.id == loser_id)
         .where(TrainingRoundPair.round_id == round_id)
         .order_by(Pair.id)
     )
     out = []
-    for pair, text, winner, votes, sampler_a, sampler_b in rows:
-        a, b = pair.trajectory_a_id, pair.trajectory_b_id
-        w, lo = (a, b) if winner == "a" else (b, a)
+    for pair_id, version, text, side, votes, w, lo, w_key, l_key, w_sampler, l_sampler in rows:
+        # the group is read in (a, b) order, as `preference_pairs` reads it
+        sampler_a, sampler_b = (w_sampler, l_sampler) if side == "a" else (l_sampler, w_sampler)
         group = pair_group(sampler_a or {}, sampler_b or {})
-        out.append(PreferencePair(pair.id, text, pair.policy_version, w, lo, votes, group))
+        out.append(PreferencePair(pair_id, text, version, w, lo, votes, group, w_key, l_key))
     return out
