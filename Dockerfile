@@ -70,7 +70,7 @@ ARG PIP_TRUSTED_HOST=
 # index, so the index arguments apply here too.
 RUN set -eux; \
     pip install --no-deps -e /app; \
-    python -c "import torch, diffusers, core.cli; print('torch', torch.__version__)"; \
+    python -c "import torch, diffusers, densealign.cli; print('torch', torch.__version__)"; \
     groupadd --system --gid 10001 densealign; \
     useradd --system --uid 10001 --gid densealign --create-home --home-dir /home/densealign densealign; \
     mkdir -p /data/blobs /cache/huggingface; \

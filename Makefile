@@ -31,7 +31,7 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check core app worker trainer tests bench
+	$(VENV)/bin/ruff format --check core app worker trainer densealign tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, DENSEALIGN_DATABASE_URL=url, DENSEALIGN_BLOB_DIR=blob_dir,
                        DENSEALIGN_SECRET_KEY=uuid.uuid4().hex, DENSEALIGN_REDIS_URL="redis://127.0.0.1:6379/13")  # fmt: skip
             proc = subprocess.Popen(
-                [sys.executable, "-m", "core.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
+                [sys.executable, "-m", "densealign.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
                 env=env, cwd=ROOT,
             )  # fmt: skip
             base_url = f"http://127.0.0.1:{port}"

@@ -237,7 +237,9 @@ def label_with_refill(
     refiller = rq_refiller(settings, sessions)
     client = TestClient(create_app(settings, session_factory=sessions, refiller=refiller))
     stop = threading.Event()
-    tick = start_refill_tick(settings, worker.connection, stop)
+    tick = start_refill_tick(
+        settings, RqSamplingQueue(worker.connection, retries=settings.pool.job_retries), stop
+    )
     try:
         run = label_while_sampling(client, token, worker, args.judgements, args.think_seconds)
     finally:

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 QUEUE_NAME = "sampling"
 ACTIVE_STATUSES = {"queued", "started", "deferred", "scheduled"}
 LOCK_KEY = "densealign:pool:lock"
+# A sampling job running longer than this is stopped by RQ (and retried).
+JOB_TIMEOUT_SECONDS = 1800
 
 
 def slots_key(owner: int | str) -> str:
@@ -88,6 +90,10 @@ class SamplingQueue(Protocol):
         """Jobs waiting to run."""
         ...
 
+    def requeue_abandoned(self) -> int:
+        """Put jobs whose worker died mid-job back in the queue; returns how many."""
+        ...
+
 
 class RqSamplingQueue:
     """Sampling jobs on an RQ queue; failed jobs are retried with back-off (all of a job's pairs)."""
@@ -98,7 +104,7 @@ class RqSamplingQueue:
         *,
         retries: int = 3,
         retry_intervals: tuple[int, ...] = (2, 10, 30),
-        job_timeout: int = 1800,
+        job_timeout: int = JOB_TIMEOUT_SECONDS,
         name: str = QUEUE_NAME,
     ) -> None:
         from rq import Queue
@@ -223,6 +229,9 @@ class ThreadQueue:
 
     def depth(self) -> int:
         return self._jobs.qsize()
+
+    def requeue_abandoned(self) -> int:
+        return 0  # the worker threads die only with this process, and with them the queue
 
     def run_worker(
         self,

@@ -2,7 +2,7 @@
 
 Each cell of the grid (settings x seed) runs the real loop, in-process and synchronously so that it
 is reproducible: the sampling worker (`worker.sampling.Sampler`, seeds drawn from the cell's seed),
-a programmatic labeller going through the REST API (`app.label.label_loop` on the FastAPI app),
+a programmatic labeller going through the REST API (`densealign.labeller.label_loop` on the FastAPI app),
 and the trainer (`trainer.rounds.Trainer`), on a fresh SQLite database with the shipped shapes
 model. After every round the new version is scored by the judge on fixed held-out seeds, for the
 training prompts and for prompts never trained on, and compared per (prompt, seed) with version 0
@@ -61,7 +61,7 @@ COMMIT = os.environ.get("DENSEALIGN_COMMIT") or _commit()
 def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict[str, float]:
     """Mean score (± s.e. over samples), accept rate, the paired difference from version 0 on the same
     (prompt, seed) (± s.e.), and the win rate against version 0 (ties count half)."""
-    from trainer.evaluation import mean_se, paired_difference
+    from trainer.judging import mean_se, paired_difference
 
     scores, accepted = scored
     mean, se = mean_se(scores)
@@ -85,13 +85,13 @@ def run_cell(
     """Yield the cell's rows as they are measured (version 0 first), so a cell cut short keeps them."""
     from fastapi.testclient import TestClient
 
-    from app.demo import demo_prompts, pick_prompts, prepare_database
-    from app.label import label_loop
     from app.main import create_app
     from core.diffusion.sampler import SamplerSettings
     from core.judges import make_judge
     from core.settings import Settings
-    from trainer.evaluation import judge_cases
+    from densealign.demo import demo_prompts, pick_prompts, prepare_database
+    from densealign.labeller import label_loop
+    from trainer.judging import judge_cases
     from trainer.main import build_trainer
     from worker.main import build_sampler
 
@@ -197,8 +197,8 @@ def human_evaluation(
 
     Seeds for these pairs come from a source of their own and the votes touch no training pair, so a
     cell's judge rows are the same with and without this measure."""
-    from app.label import label_loop
     from core.db.campaigns import campaign_results, eval_prompt_ids, list_campaigns
+    from densealign.labeller import label_loop
 
     with sampler.sessions() as session:
         (campaign,) = [c for c in list_campaigns(session=session, version=version) if c.status == "running"]

@@ -278,7 +278,7 @@ MUTANTS = [
     # -- the demo's reported gains -----------------------------------------------------------------
     Mutant(
         "gain-sign",
-        "trainer/evaluation.py",
+        "trainer/judging.py",
         "return mean_se([s - b for s, b in zip(scores, base, strict=True)])",
         "return mean_se([b - s for s, b in zip(scores, base, strict=True)])",
         EVAL,
@@ -286,7 +286,7 @@ MUTANTS = [
     ),
     Mutant(
         "gain-se-biased",
-        "trainer/evaluation.py",
+        "trainer/judging.py",
         "sum((v - mean) ** 2 for v in values) / (n - 1) / n",
         "sum((v - mean) ** 2 for v in values) / n / n",
         EVAL,

@@ -151,7 +151,7 @@ def test_eval_prints_each_versions_acceptance_as_a_recomputation_gives_it(
     from core.diffusion.models import load_pipeline
     from core.diffusion.policy import LoraSettings, Policy
     from core.storage import LocalBlobStore
-    from trainer.eval import main as eval_main
+    from trainer.judging import main as eval_main
 
     monkeypatch.setenv("DENSEALIGN_MODEL__BASE_MODEL", str(SHAPES))
     monkeypatch.setenv("DENSEALIGN_MODEL__DEVICE", "cpu")

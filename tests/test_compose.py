@@ -351,8 +351,8 @@ def test_health_checks_and_restart_policies(config: dict[str, Any]) -> None:
 
 
 def test_worker_and_trainer_report_health_by_heartbeat(config: dict[str, Any]) -> None:
-    from core.cli import COMMANDS
     from core.db.models import PROCESS_ROLES
+    from densealign.cli import COMMANDS
 
     assert COMMANDS["health"][0] == "core.health"
     services = config["services"]
@@ -400,7 +400,7 @@ def test_shipped_model_path_is_in_the_image() -> None:
     assert re.search(r"^COPY \. /app$", dockerfile, re.M)
     ignored = [p for p in DOCKERIGNORE.read_text().split() if not p.startswith("#")]
     relative = SHIPPED_MODEL.removeprefix("/app/")
-    for needed in (f"{relative}/model_index.json", "alembic.ini", "migrations/env.py", "core/cli.py"):
+    for needed in (f"{relative}/model_index.json", "alembic.ini", "migrations/env.py", "densealign/cli.py"):
         assert not any(fnmatch(needed, p) or needed.startswith(p.rstrip("/") + "/") for p in ignored), needed
     for secret in (".env", ".git", ".venv"):
         assert secret in ignored
@@ -571,7 +571,7 @@ A100_SLOWDOWN = 2.0
 # trained next to it, took at most this long per job (README "Operating it").
 CPU_JOB_PAIRS = 2
 CPU_JOB_SECONDS = 12.0
-# `densealign demo`'s pace (app/demo.py build_settings and its argparse defaults), which the CPU
+# `densealign demo`'s pace (densealign/demo.py build_settings and its argparse defaults), which the CPU
 # override ships for every DenseAlign service.
 DEMO_PACE: dict[str, Any] = {
     "model.base_model": SHIPPED_MODEL,

@@ -11,27 +11,35 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+
+from core.db import make_engine, make_session_factory
+from core.db.campaigns import AutoEvaluation
+from core.db.errors import NoCurrentPolicy
+from core.db.locks import AdvisoryLock
+from core.db.sampler_groups import configured_sampler
+from core.diffusion.models import ModelNotFoundError
+from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_config
+from core.diffusion.training import DpoHyperparameters
 from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
+from core.storage import LocalBlobStore
+from trainer.rounds import RoundAlreadyFinished, RoundConfig, Trainer
 
 logger = logging.getLogger("densealign.trainer")
-POLICY_CHANNEL = "densealign:policy"
 
 
 def build_trainer(
-    settings: Settings, on_publish: Any = None, progress: Any = None, evaluate: Any = None
-) -> Any:
-
-    from core.db import make_engine, make_session_factory
-    from core.db.campaigns import AutoEvaluation
-    from core.db.sampler_groups import configured_sampler
-    from core.diffusion.policy import policy_from_config
-    from core.diffusion.training import DpoHyperparameters
-    from core.storage import LocalBlobStore
-    from trainer.rounds import RoundConfig, Trainer
-
+    settings: Settings,
+    on_publish: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    evaluate: Callable[[Policy], dict[str, Any]] | None = None,
+) -> Trainer:
+    """The trainer the settings describe: base model and adapter, database, blob store, round config."""
     d = settings.dpo
     hp = DpoHyperparameters(
         beta=d.beta,
@@ -70,21 +78,6 @@ def build_trainer(
     )
 
 
-def redis_notifier(redis_url: str) -> Any:
-    """Publish new versions on Redis so workers learn of them at once (Postgres stays the truth)."""
-    from redis import Redis
-
-    redis = Redis.from_url(redis_url)
-
-    def notify(version: int) -> None:
-        try:
-            redis.publish(POLICY_CHANNEL, str(version))
-        except Exception as exc:  # Redis down: workers still find the version in Postgres
-            logger.warning("could not announce version %d on Redis: %s", version, exc)
-
-    return notify
-
-
 def install_stop_handlers(stop: threading.Event, graceful: threading.Event) -> None:
     """SIGTERM/SIGINT set `stop`; before `graceful` is set (model still loading) they exit at once.
 
@@ -105,6 +98,68 @@ def install_stop_handlers(stop: threading.Event, graceful: threading.Event) -> N
     signal.signal(signal.SIGINT, handle)
 
 
+def serve_rounds(
+    trainer: Trainer,
+    *,
+    engine: Engine,
+    heartbeat: Heartbeat,
+    stop: threading.Event,
+    poll_seconds: float,
+    once: bool = False,
+) -> None:
+    """The trainer's loop until `stop`: resume or start a round when labels allow, publish, repeat.
+
+    One trainer per deployment: a second one stands by on the advisory lock, ready to take over if the
+    first goes away. Postgres going away is waited out (a running round resumes from its checkpoint).
+    With `once`, at most one round is trained and the outcome printed."""
+    lock = AdvisoryLock(engine, "densealign:trainer")
+    standby_logged = False
+    try:
+        while not stop.is_set():
+            if not lock.try_acquire():
+                if not standby_logged:
+                    logger.info("another trainer holds the trainer lock; standing by")
+                    standby_logged = True
+                heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
+                stop.wait(poll_seconds)
+                continue
+            standby_logged = False
+            heartbeat.set(
+                "checking", "a round to resume, or enough new labels", version=trainer.current_version
+            )
+            version, wait_reason = _one_round(trainer)
+            if version is not None:
+                trainer.current_version = version
+            if once and wait_reason is None:
+                print(
+                    f"published version {version}" if version is not None else "not enough decided pairs yet"
+                )
+                return
+            if version is None and not stop.is_set():
+                reason = wait_reason or trainer.waiting_reason or "waiting for new decided pairs"
+                heartbeat.set("waiting", reason, version=trainer.current_version)
+                stop.wait(poll_seconds)
+    finally:
+        lock.release()
+
+
+def _one_round(trainer: Trainer) -> tuple[int | None, str | None]:
+    """(the version published, or None; why it must retry later, or None when it may go on)."""
+    try:
+        return trainer.run_once(), None
+    except RoundAlreadyFinished as exc:
+        logger.warning("%s", exc)
+        return None, ""
+    except OperationalError as exc:
+        # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
+        # checkpoint), so wait and try again instead of dying.
+        logger.warning("database unavailable, retrying: %s", exc)
+        return None, "database unavailable"
+    except NoCurrentPolicy as exc:
+        logger.warning("%s", exc)
+        return None, str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densealign trainer", description="Train rounds as labels arrive.")
     parser.add_argument(
@@ -116,15 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers(stop, graceful)
     try:
         settings = load_settings()
-        from sqlalchemy.exc import OperationalError
-
-        from core.db import make_engine, make_session_factory
-        from core.db.errors import NoCurrentPolicy
-        from core.db.locks import AdvisoryLock
-        from core.diffusion.models import ModelNotFoundError
-        from core.diffusion.policy import AdapterMismatchError
-        from trainer.rounds import RoundAlreadyFinished
-
         engine = make_engine(settings.database_url)
         # Beats start once the model is loaded (compose's start period covers the load), so a start
         # that fails on bad settings prints its one line and nothing else.
@@ -138,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("round progress: step %d/%d", step, total)
 
         try:
-            trainer = build_trainer(settings, redis_notifier(settings.redis_url), progress)
+            trainer = build_trainer(settings, progress=progress)
         except (ModelNotFoundError, AdapterMismatchError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
         trainer.should_stop = stop.is_set
@@ -147,54 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"densealign trainer: {exc}", file=sys.stderr)
         return 2
     graceful.set()
-    # One trainer per deployment: a second one waits here, ready to take over if the first goes away.
-    lock = AdvisoryLock(engine, "densealign:trainer")
-    standby_logged = False
     try:
-        while not stop.is_set():
-            try:
-                if not lock.try_acquire():
-                    if not standby_logged:
-                        logger.info("another trainer holds the trainer lock; standing by")
-                        standby_logged = True
-                    heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
-                    stop.wait(settings.dpo.poll_seconds)
-                    continue
-                standby_logged = False
-                heartbeat.set(
-                    "checking", "a round to resume, or enough new labels", version=trainer.current_version
-                )
-                version = trainer.run_once()
-            except RoundAlreadyFinished as exc:
-                logger.warning("%s", exc)
-                continue
-            except OperationalError as exc:
-                # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
-                # checkpoint), so wait and try again instead of dying.
-                logger.warning("database unavailable, retrying in %.0fs: %s", settings.dpo.poll_seconds, exc)
-                heartbeat.set("waiting", "database unavailable", version=trainer.current_version)
-                stop.wait(settings.dpo.poll_seconds)
-                continue
-            except NoCurrentPolicy as exc:
-                logger.warning("%s", exc)
-                heartbeat.set("waiting", str(exc))
-                stop.wait(settings.dpo.poll_seconds)
-                continue
-            if version is not None:
-                trainer.current_version = version
-            if args.once:
-                print(
-                    f"published version {version}" if version is not None else "not enough decided pairs yet"
-                )
-                return 0
-            if version is None and not stop.is_set():
-                reason = (
-                    trainer.waiting_reason or f"waiting for {settings.dpo.min_new_pairs} new decided pairs"
-                )
-                heartbeat.set("waiting", reason, version=trainer.current_version)
-                stop.wait(settings.dpo.poll_seconds)
+        serve_rounds(
+            trainer,
+            engine=engine,
+            heartbeat=heartbeat,
+            stop=stop,
+            poll_seconds=settings.dpo.poll_seconds,
+            once=args.once,
+        )
     finally:
-        lock.release()
         heartbeat.stop("exited")
     logger.info("stopped")
     return 0

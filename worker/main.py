@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 from core.heartbeat import Heartbeat
+from core.queue import SamplingQueue
 from core.settings import Settings, SettingsError, load_settings
 from worker.runner import serve_until_stopped
 
@@ -51,22 +52,21 @@ def build_sampler(settings: Settings) -> Any:
     return sampler
 
 
-def start_refill_tick(settings: Settings, redis: object, stop: threading.Event) -> threading.Thread:
+def start_refill_tick(settings: Settings, queue: SamplingQueue, stop: threading.Event) -> threading.Thread:
     """Top the pool up every `pool.tick_seconds` until `stop` is set; sweep orphan blobs now and then."""
     import datetime as dt
     import time
 
     from core.db import make_engine, make_session_factory
     from core.pool import refill_pool
-    from core.queue import RqSamplingQueue
+    from core.queue import JOB_TIMEOUT_SECONDS
     from core.storage import LocalBlobStore
     from core.sweep import sweep_orphans
 
     sessions = make_session_factory(make_engine(settings.database_url))
-    queue = RqSamplingQueue(redis, retries=settings.pool.job_retries)
     store = LocalBlobStore(settings.blob_dir)
     # Older than any job can run, so a running job's not-yet-inserted blobs are never taken.
-    orphan_age = dt.timedelta(seconds=queue.job_timeout + 600)
+    orphan_age = dt.timedelta(seconds=JOB_TIMEOUT_SECONDS + 600)
     next_sweep = time.monotonic()
 
     def loop() -> None:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         from core.db.errors import NoCurrentPolicy
         from core.diffusion.models import ModelNotFoundError
         from core.diffusion.policy import AdapterMismatchError
-        from core.queue import QUEUE_NAME
+        from core.queue import QUEUE_NAME, RqSamplingQueue
 
         try:
             sampler = build_sampler(settings)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stop = threading.Event()
     if not args.no_tick:
-        start_refill_tick(settings, redis, stop)
+        start_refill_tick(settings, RqSamplingQueue(redis, retries=settings.pool.job_retries), stop)
     try:
         return serve_until_stopped(
             redis=redis,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.demo import DEFAULT_MODEL
-from app.demo import main as demo_main
+from densealign.demo import DEFAULT_MODEL
+from densealign.demo import main as demo_main
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The figures the demo logs and publishes with each version (trainer/evaluation.py `JudgeEvaluator`),
+"""The figures the demo logs and publishes with each version (trainer/judging.py `JudgeEvaluator`),
 on hand-made judge scores, against a recomputation with the standard library: scores and accept rates
 per part, and the paired gain over version 0 with its standard error.
 
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from core.diffusion.sampler import SamplerSettings
-from trainer import evaluation
-from trainer.evaluation import JudgeEvaluator
+from trainer import judging
+from trainer.judging import JudgeEvaluator
 
 TRAIN, HELD_OUT, SEEDS = ["a red circle", "a blue square"], ["a green triangle"], [0, 1, 2]
 # (prompt, seed) -> score, for version 0 and version 1.
@@ -55,8 +55,8 @@ def judge(monkeypatch: pytest.MonkeyPatch) -> TableJudge:
         batches.append(len(prompts))
         return SimpleNamespace(pil_images=lambda: list(zip(prompts, seeds, strict=True)))
 
-    monkeypatch.setattr(evaluation, "sample_trajectories", sample)
-    monkeypatch.setattr("core.judges.make_judge", lambda name: table_judge)
+    monkeypatch.setattr(judging, "sample_trajectories", sample)
+    monkeypatch.setattr(judging, "make_judge", lambda name: table_judge)
     table_judge.batches = batches  # type: ignore[attr-defined]
     return table_judge
 

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from app.label import label_loop
 from core.db.campaigns import create_eval_pair, start_campaign
 from core.db.models import EvalCampaign, Labeller, Pair, PolicyVersion, Prompt
 from core.db.pairs import create_trajectory
 from core.db.policies import publish_policy_version
 from core.db.prompts import add_prompt
 from core.storage import LocalBlobStore
+from densealign.labeller import label_loop
 from tests.app.conftest import png_bytes
 
 

@@ -6,8 +6,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.label import label_loop
 from core.db.models import Judgement, Labeller, Pair
+from densealign.labeller import label_loop
 
 
 def test_a_prompt_the_judge_cannot_read_is_skipped_not_fatal(

@@ -116,7 +116,7 @@ def test_make_judge_by_name():
 
 
 def test_label_cli_refuses_a_negative_tie_margin(capsys: pytest.CaptureFixture[str]) -> None:
-    from app.label import main
+    from densealign.labeller import main
 
     assert main(["--token", "t", "--tie-margin", "-0.1"]) == 2
     err = capsys.readouterr().err

@@ -23,8 +23,8 @@ from core.diffusion.sampler import TrajectoryCorrupt
 from core.settings import SamplerConfig, Settings
 from core.storage import BlobCorrupt, LocalBlobStore
 from tests.worker.test_loop import label_everything, seed_database
-from trainer.eval import main as eval_main
 from trainer.export import main as export_main
+from trainer.judging import main as eval_main
 from trainer.main import build_trainer
 from worker.main import build_sampler
 

@@ -18,8 +18,31 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import uvicorn
+from alembic import command
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.main import create_app
+from app.refill import PoolRefiller
+from core.basemodel.shapes import all_prompts
+from core.db import make_engine, make_session_factory
+from core.db.labellers import create_invite, create_labeller
+from core.db.migrate import alembic_config
+from core.db.models import Pair
+from core.db.policies import ensure_base_version, get_policy_version
+from core.db.prompts import add_prompt
+from core.diffusion.sampler import SamplerSettings
+from core.heartbeat import Heartbeat
+from core.queue import ThreadQueue
+from core.settings import Settings
+from densealign.labeller import label_loop
+from trainer.judging import JudgeEvaluator
+from trainer.main import build_trainer, serve_rounds
+from worker.main import build_sampler, start_refill_tick
 
 log = logging.getLogger("densealign.demo")
 
@@ -29,8 +52,6 @@ DEFAULT_MODEL = REPO / "models" / "densealign-shapes"
 
 def demo_prompts() -> tuple[list[str], list[str]]:
     """Training prompts the annotators see, and held-out ones for evaluation only."""
-    from core.basemodel.shapes import all_prompts
-
     prompts = all_prompts()
     singles, pairs = prompts[:12], prompts[12:]
     train = singles + pairs[::27][:8]
@@ -45,9 +66,7 @@ def pick_prompts(train: list[str], n: int) -> list[str]:
     return [train[i * len(train) // n] for i in range(n)]
 
 
-def build_settings(args: argparse.Namespace) -> Any:
-    from core.settings import Settings
-
+def build_settings(args: argparse.Namespace) -> Settings:
     data = Path(args.data).resolve()
     return Settings(
         demo=True,
@@ -82,16 +101,8 @@ def build_settings(args: argparse.Namespace) -> Any:
     )
 
 
-def prepare_database(settings: Any, train: list[str], held_out: list[str]) -> tuple[str, str]:
+def prepare_database(settings: Settings, train: list[str], held_out: list[str]) -> tuple[str, str]:
     """Migrate, seed version 0 and prompts; returns (admin invite link, oracle token)."""
-    from alembic import command
-
-    from core.db import make_engine, make_session_factory
-    from core.db.labellers import create_invite, create_labeller
-    from core.db.migrate import alembic_config
-    from core.db.policies import ensure_base_version
-    from core.db.prompts import add_prompt
-
     config = alembic_config(settings.database_url)
     config.attributes["skip_logging"] = True
     command.upgrade(config, "head")
@@ -108,7 +119,7 @@ def prepare_database(settings: Any, train: list[str], held_out: list[str]) -> tu
     return f"{settings.public_base_url}/invite/{secret}", token
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="densealign demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="var/demo", help="folder for the SQLite file and blobs (wiped)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="base model folder or hub id")
@@ -147,26 +158,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exit-after-versions", type=int, default=None, help="stop once this many are published"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Demo:
+    """What the demo's threads share: settings, the database, the stop signal and the judge's scores."""
+
+    args: argparse.Namespace
+    settings: Settings
+    sessions: sessionmaker[Session]
+    train: list[str]
+    held_out: list[str]
+    started: float = field(default_factory=time.perf_counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    scores: dict[int, dict[str, Any]] = field(default_factory=dict)
+    server: uvicorn.Server | None = None
+
+    @property
+    def judge_name(self) -> str:
+        return self.args.oracle if self.args.oracle != "none" else "faithfulness"
+
+    def evaluator(self) -> JudgeEvaluator:
+        return JudgeEvaluator(
+            judge=self.judge_name,
+            prompts=self.train,
+            held_out=self.held_out,
+            seeds=[10_000 + i for i in range(self.args.eval_seeds)],
+            settings=SamplerSettings(num_steps=self.args.steps, guidance_scale=7.5),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)-8s %(levelname)s %(message)s")
     for noisy in ("httpx", "uvicorn.access", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    started = time.perf_counter()
-
-    import uvicorn
-
-    from app.label import label_loop
-    from app.main import create_app
-    from app.refill import PoolRefiller
-    from core.db import make_engine, make_session_factory
-    from core.db.models import Pair
-    from core.diffusion.sampler import SamplerSettings
-    from core.pool import refill_pool
-    from core.queue import ThreadQueue
-    from trainer.evaluation import JudgeEvaluator
-    from trainer.main import build_trainer
-    from worker.main import build_sampler
-
     settings = build_settings(args)
     data = Path(args.data)
     if data.exists():
@@ -175,145 +202,147 @@ def main(argv: list[str] | None = None) -> int:
     train, held_out = demo_prompts()
     train = pick_prompts(train, args.prompts)
     invite_link, oracle_token = prepare_database(settings, train, held_out)
-    sessions = make_session_factory(make_engine(settings.database_url))
-
+    demo = Demo(args, settings, make_session_factory(make_engine(settings.database_url)), train, held_out)
     log.info("loading the base model %s", args.model)
+    # The worker's own sampler and refill tick, the app's own refiller: only the queue is in-process.
     sampler = build_sampler(settings)
-    judge_name = args.oracle if args.oracle != "none" else "faithfulness"
-    evaluator = JudgeEvaluator(
-        judge=judge_name,
-        prompts=train,
-        held_out=held_out,
-        seeds=[10_000 + i for i in range(args.eval_seeds)],
-        settings=SamplerSettings(num_steps=args.steps, guidance_scale=7.5),
-    )
     queue = ThreadQueue(retries=settings.pool.job_retries)
-    stop = threading.Event()
     refiller = PoolRefiller(
-        sessions=sessions,
+        sessions=demo.sessions,
         queue=queue,
         target_per_prompt=settings.pool.target_per_prompt,
         max_version_lag=settings.dpo.max_version_lag,
         pairs_per_job=settings.pool.pairs_per_job,
         eval_pool_pairs=settings.eval.pool_pairs,
     )
-    app = create_app(settings, session_factory=sessions, refiller=refiller)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    scores: dict[int, dict[str, Any]] = {}
-
-    def worker() -> None:
-        queue.run_worker(sampler.sample_pairs, stop, eval_handler=sampler.sample_eval_pairs)
-
-    def tick() -> None:
-        while not stop.is_set():
-            refiller.refill_now()
-            stop.wait(settings.pool.tick_seconds)
-
-    def trainer() -> None:
-        trainer = build_trainer(settings, evaluate=evaluator)
-        scores[0] = evaluator(trainer.policy)
-        evaluator.baseline = scores[0]["judge_scores"]
-        log.info(
-            "version 0: %s judge score %.3f on the %d trained prompts, %.3f on %d held-out ones; accepts %.0f%%",
-            judge_name,
-            scores[0]["judge_score_train"],
-            len(train),
-            scores[0]["judge_score_held_out"],
-            len(held_out),
-            100 * scores[0]["judge_accept"],
-        )
-        while not stop.is_set():
-            version = trainer.run_once()
-            if version is None:
-                stop.wait(settings.dpo.poll_seconds)
-                continue
-            with sessions() as session:
-                from core.db.policies import get_policy_version
-
-                metrics = get_policy_version(session=session, version=version).metrics
-            scores[version] = metrics
-            log.info(
-                "version %d published %.1f min after start: %s judge score on the trained prompts %.3f "
-                "(version 0: %.3f; paired gain %+.3f ± %.3f over %d prompt/seed cases), on held-out "
-                "prompts %.3f (version 0: %.3f; paired gain %+.3f ± %.3f); accepts %.0f%% (version 0: %.0f%%)",
-                version,
-                (time.perf_counter() - started) / 60,
-                judge_name,
-                metrics["judge_score_train"],
-                scores[0]["judge_score_train"],
-                metrics["judge_gain_train"],
-                metrics["judge_gain_train_se"],
-                len(train) * args.eval_seeds,
-                metrics["judge_score_held_out"],
-                scores[0]["judge_score_held_out"],
-                metrics["judge_gain_held_out"],
-                metrics["judge_gain_held_out_se"],
-                100 * metrics["judge_accept"],
-                100 * scores[0]["judge_accept"],
-            )
-            if args.exit_after_versions is not None and version >= args.exit_after_versions:
-                server.should_exit = True
-                return
-
-    def announce() -> None:
-        while not stop.is_set():
-            with sessions() as session:
-                if session.query(Pair.id).first() is not None:
-                    break
-            stop.wait(0.5)
-        if stop.is_set():
-            return
-        since_make = ""
-        if os.environ.get("DENSEALIGN_DEMO_T0", "").isdigit():  # set by `make demo` before installing
-            since_make = f" ({time.time() - int(os.environ['DENSEALIGN_DEMO_T0']):.0f} s since `make demo` began, install included)"
-        log.info(
-            "pairs are ready after %.0f s%s. Open %s to log in as admin, then label at %s/label",
-            time.perf_counter() - started,
-            since_make,
-            invite_link,
-            settings.public_base_url,
-        )
-        if args.oracle != "none":
-            label_loop(
-                base_url=settings.public_base_url,
-                token=oracle_token,
-                preference=args.oracle,
-                noise=args.noise,
-                stop=stop,
-                name=f"oracle-{args.oracle}",
-            )
-
-    with sessions() as session:
-        refill_pool(
-            session=session,
-            queue=queue,
-            target_per_prompt=settings.pool.target_per_prompt,
-            max_version_lag=settings.dpo.max_version_lag,
-            pairs_per_job=settings.pool.pairs_per_job,
-            eval_pool_pairs=settings.eval.pool_pairs,
-        )
-    threads = [
-        threading.Thread(target=fn, name=name, daemon=True)
-        for name, fn in (("worker", worker), ("tick", tick), ("trainer", trainer), ("labeller", announce))
-    ]
+    app = create_app(settings, session_factory=demo.sessions, refiller=refiller)
+    demo.server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    refiller.refill_now()
+    start_refill_tick(settings, queue, demo.stop)
+    jobs = {
+        "worker": lambda: queue.run_worker(
+            sampler.sample_pairs, demo.stop, eval_handler=sampler.sample_eval_pairs
+        ),
+        "trainer": lambda: run_trainer(demo),
+        "labeller": lambda: announce_then_label(demo, invite_link, oracle_token),
+    }
+    threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in jobs.items()]
     for thread in threads:
         thread.start()
     log.info("DenseAlign demo at %s (Ctrl-C stops everything)", settings.public_base_url)
     try:
-        server.run()
+        demo.server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
         log.info("stopping")
     finally:
-        stop.set()
+        demo.stop.set()
         for thread in threads:
             thread.join(timeout=60)
-    if scores:
+    log_summary(demo)
+    return 0
+
+
+def run_trainer(demo: Demo) -> None:
+    """The trainer's own loop (`trainer.main.serve_rounds`), with each version judged and logged."""
+    settings = demo.settings
+    evaluator = demo.evaluator()
+    trainer = build_trainer(
+        settings, on_publish=lambda version: on_publish(demo, version), evaluate=evaluator
+    )
+    trainer.should_stop = demo.stop.is_set
+    demo.scores[0] = evaluator(trainer.policy)
+    evaluator.baseline = demo.scores[0]["judge_scores"]
+    base = demo.scores[0]
+    log.info(
+        "version 0: %s judge score %.3f on the %d trained prompts, %.3f on %d held-out ones; accepts %.0f%%",
+        demo.judge_name,
+        base["judge_score_train"],
+        len(demo.train),
+        base["judge_score_held_out"],
+        len(demo.held_out),
+        100 * base["judge_accept"],
+    )
+    heartbeat = Heartbeat(sessions=demo.sessions, role="trainer", period=settings.heartbeat_seconds).start()
+    try:
+        serve_rounds(
+            trainer,
+            engine=make_engine(settings.database_url),
+            heartbeat=heartbeat,
+            stop=demo.stop,
+            poll_seconds=settings.dpo.poll_seconds,
+        )
+    finally:
+        heartbeat.stop("exited")
+
+
+def on_publish(demo: Demo, version: int) -> None:
+    """Log a published version's judge scores next to version 0's; stop after --exit-after-versions."""
+    with demo.sessions() as session:
+        metrics = get_policy_version(session=session, version=version).metrics
+    demo.scores[version] = metrics
+    base = demo.scores[0]
+    log.info(
+        "version %d published %.1f min after start: %s judge score on the trained prompts %.3f "
+        "(version 0: %.3f; paired gain %+.3f ± %.3f over %d prompt/seed cases), on held-out "
+        "prompts %.3f (version 0: %.3f; paired gain %+.3f ± %.3f); accepts %.0f%% (version 0: %.0f%%)",
+        version,
+        (time.perf_counter() - demo.started) / 60,
+        demo.judge_name,
+        metrics["judge_score_train"],
+        base["judge_score_train"],
+        metrics["judge_gain_train"],
+        metrics["judge_gain_train_se"],
+        len(demo.train) * demo.args.eval_seeds,
+        metrics["judge_score_held_out"],
+        base["judge_score_held_out"],
+        metrics["judge_gain_held_out"],
+        metrics["judge_gain_held_out_se"],
+        100 * metrics["judge_accept"],
+        100 * base["judge_accept"],
+    )
+    if demo.args.exit_after_versions is not None and version >= demo.args.exit_after_versions:
+        demo.stop.set()
+        if demo.server is not None:
+            demo.server.should_exit = True
+
+
+def announce_then_label(demo: Demo, invite_link: str, oracle_token: str) -> None:
+    """Say when the first pairs are ready and where to log in; then, with --oracle, label through REST."""
+    while not demo.stop.is_set():
+        with demo.sessions() as session:
+            if session.query(Pair.id).first() is not None:
+                break
+        demo.stop.wait(0.5)
+    if demo.stop.is_set():
+        return
+    since_make = ""
+    if os.environ.get("DENSEALIGN_DEMO_T0", "").isdigit():  # set by `make demo` before installing
+        since_make = f" ({time.time() - int(os.environ['DENSEALIGN_DEMO_T0']):.0f} s since `make demo` began, install included)"
+    log.info(
+        "pairs are ready after %.0f s%s. Open %s to log in as admin, then label at %s/label",
+        time.perf_counter() - demo.started,
+        since_make,
+        invite_link,
+        demo.settings.public_base_url,
+    )
+    if demo.args.oracle != "none":
+        label_loop(
+            base_url=demo.settings.public_base_url,
+            token=oracle_token,
+            preference=demo.args.oracle,
+            noise=demo.args.noise,
+            stop=demo.stop,
+            name=f"oracle-{demo.args.oracle}",
+        )
+
+
+def log_summary(demo: Demo) -> None:
+    if demo.scores:
         log.info(
             "summary: "
             + ", ".join(
                 f"v{v} {m.get('judge_score_train', float('nan')):.3f} (gain {m.get('judge_gain_train', 0.0):+.3f})"
-                for v, m in sorted(scores.items())
+                for v, m in sorted(demo.scores.items())
             )
             + " on the trained prompts"
         )
-    return 0

@@ -1,7 +1,9 @@
 """The `densealign` command: one front door to every entry point.
 
-Sub-commands are resolved lazily by dotted module name, so `densealign serve` never imports torch
-and the ML commands never import the web app. Each module named here has `main(argv) -> int`.
+It lives in the composition root (this package), the only place that names every room: the core
+library imports nothing above it. Sub-commands are resolved lazily by dotted module name, so
+`densealign serve` never imports torch and the ML commands never import the web app. Each module
+named here has `main(argv) -> int`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trainer": ("trainer.main", "train rounds on new labels and publish policy versions"),
     "health": ("core.health", "exit 0 when this host's worker or trainer recorded a heartbeat lately"),
     "export": ("trainer.export", "write a published adapter in diffusers or kohya format"),
-    "demo": ("app.demo", "run app, worker and trainer on this machine (SQLite, no Redis, CPU)"),
-    "label": ("app.label", "a programmatic labeller over the REST API (--preference faithfulness)"),
+    "demo": ("densealign.demo", "run app, worker and trainer on this machine (SQLite, no Redis, CPU)"),
+    "label": ("densealign.labeller", "a programmatic labeller over the REST API (--preference faithfulness)"),
     "eval": (
-        "trainer.eval",
+        "trainer.judging",
         "the faithfulness judge's acceptance of a version's samples, next to version 0's",
     ),
     "train-base": ("core.basemodel.train", "train the shipped shapes base model from scratch (seeded)"),

@@ -19,11 +19,14 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 
 import httpx
 from PIL import Image
 
-log = logging.getLogger("densealign.label")
+from core.judges import Judge, make_judge
+
+log = logging.getLogger("densealign.labeller")
 
 
 def label_loop(
@@ -44,8 +47,6 @@ def label_loop(
 
     `tie_margin`: answer 'tie' (which trains nothing) when the judge's two scores differ by at most
     this much, as a person says "can't tell" on a close pair; None keeps the judge's own (1e-3)."""
-    from core.judges import make_judge
-
     judge = make_judge(preference)
     if tie_margin is not None:
         if tie_margin < 0:
@@ -68,35 +69,7 @@ def label_loop(
                         break
                     stop.wait(idle_wait)
                     continue
-                images = {}
-                for key in ("left", "right"):
-                    image = client.get(pair[key]["url"])
-                    image.raise_for_status()
-                    images[key] = Image.open(io.BytesIO(image.content)).convert("RGB")
-                started = time.perf_counter()
-                verdict: str
-                try:
-                    verdict = judge.prefer(pair["prompt"], images["left"], images["right"], rng, noise)
-                except ValueError as exc:  # a prompt this judge cannot read: say so, skip, carry on
-                    log.warning("%s: skipping pair %s: %s", name, pair["pair_id"], exc)
-                    verdict = "skip"
-                side = {"a": pair["left"]["side"], "b": pair["right"]["side"], "tie": "tie", "skip": "skip"}[
-                    verdict
-                ]
-                body = {
-                    "pair_id": pair["pair_id"],
-                    "choice": side,
-                    "client_key": f"{name}-{uuid.uuid4().hex}",
-                    "decide_ms": int(1000 * (time.perf_counter() - started)),
-                }
-                for attempt in range(3):  # same client key: a retried post records one judgement
-                    try:
-                        client.post("/api/v1/judgements", json=body).raise_for_status()
-                        break
-                    except httpx.TransportError:
-                        if attempt == 2:
-                            raise
-                        time.sleep(1 + attempt)
+                _post_judgement(client, _judge_pair(client, judge, pair, rng, noise, name))
                 done += 1
                 if done % 20 == 0:
                     log.info("%s: %d judgements so far", name, done)
@@ -107,6 +80,42 @@ def label_loop(
         if owned:
             client.close()
     return done
+
+
+def _judge_pair(
+    client: httpx.Client, judge: Judge, pair: dict[str, Any], rng: random.Random, noise: float, name: str
+) -> dict[str, Any]:
+    """The judgement body for a served pair: its two images fetched as the page does, then judged."""
+    images = {}
+    for key in ("left", "right"):
+        image = client.get(pair[key]["url"])
+        image.raise_for_status()
+        images[key] = Image.open(io.BytesIO(image.content)).convert("RGB")
+    started = time.perf_counter()
+    verdict: str
+    try:
+        verdict = judge.prefer(pair["prompt"], images["left"], images["right"], rng, noise)
+    except ValueError as exc:  # a prompt this judge cannot read: say so, skip, carry on
+        log.warning("%s: skipping pair %s: %s", name, pair["pair_id"], exc)
+        verdict = "skip"
+    choice = {"a": pair["left"]["side"], "b": pair["right"]["side"], "tie": "tie", "skip": "skip"}[verdict]
+    return {
+        "pair_id": pair["pair_id"],
+        "choice": choice,
+        "client_key": f"{name}-{uuid.uuid4().hex}",
+        "decide_ms": int(1000 * (time.perf_counter() - started)),
+    }
+
+
+def _post_judgement(client: httpx.Client, body: dict[str, Any]) -> None:
+    for attempt in range(3):  # same client key: a retried post records one judgement
+        try:
+            client.post("/api/v1/judgements", json=body).raise_for_status()
+            return
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"densealign label: --tie-margin {args.tie_margin} is negative; pass 0 or more\n")
         return 2
     try:
-        from core.judges import make_judge
-
         make_judge(args.preference)
     except ValueError as exc:
         sys.stderr.write(f"densealign label: {exc}\n")

@@ -1,18 +1,35 @@
-"""Score a policy with a programmatic judge on fixed prompts and seeds (held out from labelling).
+"""How a programmatic judge scores a policy on fixed prompts and seeds (held out from labelling).
 
-Used by the trainer to record, with each published version, how a judge rates fresh samples of it:
-the demo's "quality of each version" and the experiments' evaluation points. Fixed seeds make
-versions comparable: the same initial noise, only the adapter differs.
+- `JudgeEvaluator`: used by the trainer to record, with each published version, how a judge rates
+  fresh samples of it (the demo's "quality of each version", the experiments' evaluation points).
+  Fixed seeds make versions comparable: the same initial noise, only the adapter differs.
+- `main` (`densealign eval --version N`): loads the base model from settings, hot-swaps version N's
+  adapter (checked against its sha256), samples one image per (prompt, seed) on fixed evaluation
+  prompts and seeds, and prints the faithfulness judge's acceptance next to version 0's on the very
+  same prompts and seeds.
+
+People's judgement of a version (blind A/B campaigns) is elsewhere: `core.db.campaigns`.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.diffusion.policy import Policy
+from safetensors.torch import load as load_safetensors
+
+from core.basemodel.evaluate import acceptance, eval_prompts
+from core.db import make_engine, make_session_factory
+from core.db.errors import DomainError
+from core.db.policies import get_policy_version
+from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_config
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
+from core.judges import make_judge
+from core.settings import SettingsError, load_settings
+from core.storage import BlobCorrupt, LocalBlobStore, get_verified
 
 
 @dataclass
@@ -33,8 +50,6 @@ class JudgeEvaluator:
     baseline: list[float] | None = None
 
     def __call__(self, policy: Policy) -> dict[str, Any]:
-        from core.judges import make_judge
-
         cases = [(p, s) for p in self.prompts + self.held_out for s in self.seeds]
         scores, accepted = judge_cases(policy, make_judge(self.judge), cases, self.settings, self.batch)
         n = max(len(scores), 1)
@@ -100,3 +115,42 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / n
     se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
     return mean, se
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`densealign eval --version N`: the faithfulness judge's acceptance of version N next to version 0's."""
+    parser = argparse.ArgumentParser(prog="densealign eval", description=main.__doc__)
+    parser.add_argument("--version", type=int, required=True, help="policy version (0 = the base model)")
+    parser.add_argument("--prompts", type=int, default=64, help="evaluation prompts (one seed each)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the sampler setting)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        with make_session_factory(make_engine(settings.database_url))() as session:
+            row = get_policy_version(session=session, version=args.version)
+            key, sha = row.lora_key, row.lora_sha256
+        policy = policy_from_config(settings.model)
+    except (SettingsError, DomainError, ValueError) as exc:
+        print(f"densealign eval: {exc}", file=sys.stderr)
+        return 2
+    sampler_settings = SamplerSettings(
+        num_steps=args.steps or settings.sampler.num_steps, guidance_scale=settings.sampler.guidance_scale
+    )
+    prompts = eval_prompts(args.prompts)
+    seeds = list(range(args.prompts))
+    base = acceptance(policy.pipe, prompts, seeds, sampler_settings, progress=True)
+    print(
+        f"version 0: accepted {base.accepted}/{base.total} = {base.rate:.1%} (mean score {base.mean_score:.3f})"
+    )
+    if key is not None and sha is not None:
+        try:
+            policy.hot_swap(load_safetensors(get_verified(LocalBlobStore(settings.blob_dir), key, sha)))
+        except (BlobCorrupt, AdapterMismatchError) as exc:
+            print(f"densealign eval: version {args.version}: {exc}", file=sys.stderr)
+            return 2
+        result = acceptance(policy.pipe, prompts, seeds, sampler_settings, progress=True)
+        print(
+            f"version {args.version}: accepted {result.accepted}/{result.total} = {result.rate:.1%} "
+            f"(mean score {result.mean_score:.3f})"
+        )
+    return 0
