@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
+from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.pool import refill_pool
-from core.queue import SamplingQueue
+from core.queue import RqSamplingQueue, SamplingQueue
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,8 @@ class PoolRefiller:
             thread.join(timeout)
 
 
-def rq_refiller(settings: Any, sessions: sessionmaker[Session]) -> PoolRefiller:
+def rq_refiller(settings: Settings, sessions: sessionmaker[Session]) -> PoolRefiller:
     """The production refiller: RQ jobs on the settings' Redis."""
-    from redis import Redis
-
-    from core.queue import RqSamplingQueue
-
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
     return PoolRefiller(
         sessions=sessions,

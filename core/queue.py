@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
 from core.jobs import SAMPLE_EVAL_PAIRS, SAMPLE_PAIRS, SampleEvalPairs, SamplePairs
 
 logger = logging.getLogger(__name__)
@@ -107,8 +111,6 @@ class RqSamplingQueue:
         job_timeout: int = JOB_TIMEOUT_SECONDS,
         name: str = QUEUE_NAME,
     ) -> None:
-        from rq import Queue
-
         self.redis = redis
         self.retries = retries
         self.retry_intervals = list(retry_intervals)
@@ -139,8 +141,6 @@ class RqSamplingQueue:
         return self._enqueue(SAMPLE_EVAL_PAIRS, payload.kwargs())
 
     def _enqueue(self, function: str, kwargs: dict[str, Any]) -> str:
-        from rq import Retry
-
         retry = Retry(max=self.retries, interval=self.retry_intervals) if self.retries else None
         arguments = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         job = self.queue.enqueue(
@@ -158,9 +158,6 @@ class RqSamplingQueue:
         return self.enqueue_sample_pairs([prompt_id])
 
     def is_active(self, job_id: str) -> bool:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
         try:
             status = Job.fetch(job_id, connection=self.redis).get_status(refresh=True)
         except NoSuchJobError:

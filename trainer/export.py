@@ -12,7 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.db import make_engine, make_session_factory
+from core.db.errors import DomainError
+from core.db.policies import get_policy_version
+from core.diffusion.export import export_adapter
 from core.settings import SettingsError, load_settings
+from core.storage import BlobNotFound, LocalBlobStore, get_verified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     args = parser.parse_args(argv)
-    from core.db import make_engine, make_session_factory
-    from core.db.errors import DomainError
-    from core.db.policies import get_policy_version
-    from core.diffusion.export import export_adapter
-    from core.storage import BlobNotFound, LocalBlobStore, get_verified
 
     try:
         settings = load_settings()

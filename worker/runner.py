@@ -21,7 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from rq import SimpleWorker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Queue, SimpleWorker
 
 from core.heartbeat import Heartbeat
 
@@ -82,10 +84,6 @@ def serve_until_stopped(
     burst: bool = False,
 ) -> int:
     """Run RQ workers one after another until a signal (or, with `burst`, an empty queue); returns 0."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-    from rq import Queue
-
     stop = threading.Event()
     failures = 0
     while True:

@@ -156,6 +156,30 @@ class Ema:
             s.lerp_(p.detach(), 1.0 - d)
 
 
+def tokenize_prompts(prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """Token ids of each distinct prompt and of "" (num_distinct, 77), each example's row in them, and
+    the row of ""."""
+    tokenizer = clip_tokenizer()
+    vocab = sorted(set(prompts) | {""})
+    ids = tokenizer(
+        vocab,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)  # (num_prompts, 77)
+    prompt_row = torch.tensor([vocab.index(p) for p in prompts], device=device)  # (num_examples,)
+    return ids, prompt_row, vocab.index("")
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the learning rate."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.unet_steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_diffusion(
     config: TrainConfig,
     sizes: Sizes,
@@ -169,17 +193,7 @@ def train_diffusion(
     torch.manual_seed(config.seed + 1)
     rng = random.Random(config.seed + 1)
     unet, text_encoder = build_unet(sizes).to(device), build_text_encoder(sizes).to(device)
-    tokenizer = clip_tokenizer()
-    vocab = sorted(set(prompts) | {""})
-    ids = tokenizer(
-        vocab,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)  # (num_prompts, 77)
-    prompt_row = torch.tensor([vocab.index(p) for p in prompts], device=device)  # (num_examples,)
-    empty_row = vocab.index("")
+    ids, prompt_row, empty_row = tokenize_prompts(prompts, device)
     alphas_cumprod = sd_scheduler().alphas_cumprod.to(device)  # (1000,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = torch.clamp(snr, max=config.min_snr_gamma) / snr  # (1000,)
@@ -187,13 +201,7 @@ def train_diffusion(
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.unet_steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(config, step))
     ema_unet, ema_text = Ema(unet, config.ema_decay), Ema(text_encoder, config.ema_decay)
     order: list[int] = []
     bar = tqdm(range(config.unet_steps), desc="3/3 diffusion", unit="step")

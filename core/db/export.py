@@ -16,35 +16,43 @@ from sqlalchemy.orm import Session, aliased
 from core.db.models import Judgement, Pair, Prompt, Trajectory
 
 
+def _export_columns() -> tuple[dict[str, Any], Any, Any]:
+    """Output field -> column of one exported judgement, and the two trajectory aliases it reads."""
+    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
+    columns = {
+        "judgement_id": Judgement.id,
+        "pair_id": Judgement.pair_id,
+        "labeller_id": Judgement.labeller_id,
+        "choice": Judgement.choice,
+        "shown_left": Judgement.shown_left,
+        "decide_ms": Judgement.decide_ms,
+        "created_at": Judgement.created_at,
+        "policy_version": Pair.policy_version,
+        "prompt_id": Prompt.id,
+        "prompt": Prompt.text,
+        "image_a_key": traj_a.image_key,
+        "image_b_key": traj_b.image_key,
+        "trajectory_a_id": traj_a.id,
+        "trajectory_b_id": traj_b.id,
+        "seed_a": traj_a.seed,
+        "seed_b": traj_b.seed,
+        "sampler_a": traj_a.sampler,
+        "sampler_b": traj_b.sampler,
+        # 'eval': a vote of a human evaluation campaign (side a and b are two versions, from one seed)
+        "kind": Pair.kind,
+        "campaign_id": Pair.campaign_id,
+        "policy_version_a": traj_a.policy_version,
+        "policy_version_b": traj_b.policy_version,
+    }
+    return columns, traj_a, traj_b
+
+
 def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[str, Any]]:
     """Yield one dict per judgement, ordered by judgement id, with blob keys, seeds and sampler records
     of both images."""
-    traj_a, traj_b = aliased(Trajectory), aliased(Trajectory)
+    columns, traj_a, traj_b = _export_columns()
     query = (
-        select(
-            Judgement.id,
-            Judgement.pair_id,
-            Judgement.labeller_id,
-            Judgement.choice,
-            Judgement.shown_left,
-            Judgement.decide_ms,
-            Judgement.created_at,
-            Pair.policy_version,
-            Prompt.id,
-            Prompt.text,
-            traj_a.image_key,
-            traj_b.image_key,
-            traj_a.id,
-            traj_b.id,
-            traj_a.seed,
-            traj_b.seed,
-            traj_a.sampler,
-            traj_b.sampler,
-            Pair.kind,
-            Pair.campaign_id,
-            traj_a.policy_version,
-            traj_b.policy_version,
-        )
+        select(*(column.label(name) for name, column in columns.items()))
         .join(Pair, Pair.id == Judgement.pair_id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .join(traj_a, traj_a.id == Pair.trajectory_a_id)
@@ -52,28 +60,8 @@ def iter_judged_pairs(*, session: Session, batch: int = 1000) -> Iterator[dict[s
         .order_by(Judgement.id)
     )
     for row in session.execute(query.execution_options(yield_per=batch)):
-        yield {
-            "judgement_id": row[0],
-            "pair_id": row[1],
-            "labeller_id": row[2],
-            "choice": row[3],
-            "shown_left": row[4],
-            "decide_ms": row[5],
-            "created_at": row[6].isoformat(),
-            "policy_version": row[7],
-            "prompt_id": row[8],
-            "prompt": row[9],
-            "image_a_key": row[10],
-            "image_b_key": row[11],
-            "trajectory_a_id": row[12],
-            "trajectory_b_id": row[13],
-            "seed_a": row[14],
-            "seed_b": row[15],
-            "sampler_a": row[16] or {},
-            "sampler_b": row[17] or {},
-            # 'eval': a vote of a human evaluation campaign (side a and b are two versions, from one seed)
-            "kind": row[18],
-            "campaign_id": row[19],
-            "policy_version_a": row[20],
-            "policy_version_b": row[21],
-        }
+        record = dict(row._mapping)
+        record["created_at"] = record["created_at"].isoformat()
+        record["sampler_a"] = record["sampler_a"] or {}
+        record["sampler_b"] = record["sampler_b"] or {}
+        yield record
