@@ -49,6 +49,13 @@ class SamplerConfig(BaseModel):
         multiple_of=8,
         description="Image side in pixels; empty = the model's native size.",
     )
+    fuse_adapter: bool = Field(
+        default=True,
+        description="Workers sample with the LoRA written into the base weights (W0 + scale * B @ A): "
+        "plain layers, ~10% faster on CPU; images differ from unfused sampling by float rounding, and a "
+        "stock pipeline redraws them with `load_lora_weights` then `fuse_lora()`. Off = the LoRA layers "
+        "run unfused, as after a plain `load_lora_weights`. The trainer never fuses.",
+    )
 
 
 class DpoConfig(BaseModel):

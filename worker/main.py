@@ -34,8 +34,11 @@ def build_sampler(settings: Settings) -> Any:
     from worker.sampling import OverlapPolicy, Sampler
 
     size = settings.sampler.image_size
+    policy = policy_from_config(settings.model)
+    if settings.sampler.fuse_adapter:
+        policy.fuse()
     sampler = Sampler(
-        policy=policy_from_config(settings.model),
+        policy=policy,
         settings=SamplerSettings(
             num_steps=settings.sampler.num_steps,
             guidance_scale=settings.sampler.guidance_scale,

@@ -14,7 +14,13 @@ the blob store. For each `sample_pairs(prompt_ids)` job it:
 
 Each trajectory row's `sampler` record is `SamplerSettings.to_dict()` plus what else a stock diffusers
 pipeline needs to draw the same image again (`reproduction_record`): the base model, the pipeline
-class, the dtype, the device of the seeded generators and the scheduler with its config.
+class, the dtype, the device of the seeded generators, the scheduler with its config, and whether
+the adapter was fused into the base weights (`adapter_fused`; see core/diffusion/policy.py).
+
+Workers built by `worker.main.build_sampler` sample fused (`DENSEALIGN_SAMPLER__FUSE_ADAPTER`, on by
+default): every swap, the evaluation jobs' swaps to each side's version and back included, writes
+the new version's W0 + scale * B @ A from an untouched copy of W0, so a version's images do not
+depend on which versions were loaded before it.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ class Sampler:
 
     def sampling_record(self) -> dict[str, Any]:
         """What every trajectory of a job records as `sampler`: the settings, then how to redraw it."""
-        return self.settings.to_dict() | reproduction_record(self.policy.pipe, base_model=self.base_model)
+        return self.settings.to_dict() | reproduction_record(
+            self.policy.pipe, base_model=self.base_model, adapter_fused=self.policy.fused
+        )
 
     def sync_policy(self, session: Session) -> int:
         """Make the loaded adapter the current version's; returns that version."""
@@ -269,14 +277,17 @@ class Sampler:
                 logger.warning("could not delete blob %s of a failed job", key)
 
 
-def reproduction_record(pipe: Pipeline, *, base_model: str | None = None) -> dict[str, Any]:
+def reproduction_record(
+    pipe: Pipeline, *, base_model: str | None = None, adapter_fused: bool = False
+) -> dict[str, Any]:
     """What a stock diffusers pipeline needs, beyond the settings and the seed, to draw an image again.
 
     `StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype)` with
     `scheduler = <class_name>.from_config(config)` and `generator=torch.Generator(generator_device)
-    .manual_seed(seed)` redraws it (plus the policy version's LoRA for versions >= 1). The scheduler
-    is the one the worker samples with (DDIM from the model's schedule with x0 clipping off), not
-    the one the model folder ships.
+    .manual_seed(seed)` redraws it (plus the policy version's LoRA for versions >= 1:
+    `pipe.load_lora_weights(folder)`, then `pipe.fuse_lora()` if `adapter_fused`, which makes the
+    stock weights the worker's bit for bit). The scheduler is the one the worker samples with (DDIM
+    from the model's schedule with x0 clipping off), not the one the model folder ships.
     """
     scheduler = pipe.scheduler
     return {
@@ -289,6 +300,7 @@ def reproduction_record(pipe: Pipeline, *, base_model: str | None = None) -> dic
             # to_json_string turns numpy/tuple values into plain JSON, as save_pretrained writes them
             "config": json.loads(scheduler.to_json_string()),
         },
+        "adapter_fused": adapter_fused,
     }
 
 

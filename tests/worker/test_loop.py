@@ -139,6 +139,9 @@ def test_online_loop_end_to_end(
     (folder / "pytorch_lora_weights.safetensors").write_bytes(download.content)
     stock = load_pipeline("tiny:sd")
     stock.load_lora_weights(str(folder))
+    # the worker samples with the adapter fused (its record says so); fuse_lora makes the same weights
+    assert all(t is not None and t.sampler["adapter_fused"] for t in sides)
+    stock.fuse_lora()
     # the worker samples a pair as one batch of two; so does the stock call (CPU kernels vary by batch)
     images = stock(
         [prompt, prompt],
