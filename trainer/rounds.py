@@ -9,6 +9,12 @@
    indices from a generator seeded by (seed, round, k), so a resumed round repeats the same draws.
    Every `checkpoint_every` steps the adapter, optimizer and metric sums go to the blob store
    (atomic writes); a killed trainer resumes from the last one.
+   What does not change within a round is prepared once (`RoundExamples`): the pairs (one query), the
+   trajectories' latents (read once while they fit `max_round_trajectories_mb`), each distinct
+   prompt's conditioning (the text encoder is frozen; LoRA is on the UNet only), and the reference's
+   step means of the (trajectory, step) rows already evaluated (`ReferenceCache`, capped by
+   `reference_cache_mb`). A resumed round first replays the reference part of its earlier draws into
+   the cache, so its steps see the same cached values, bit for bit, as the uninterrupted round's.
 4. Publish: write the adapter (diffusers safetensors) and optimizer state under policies/vN/, then
    in one transaction insert version N (with the round's metrics), make it current and close the
    round. Only then is the version visible, so nobody sees a half-written one.
@@ -39,18 +45,26 @@ from core.db.policies import (
 )
 from core.db.sampler_groups import describe_group, trainable_together
 from core.db.training import (
+    PreferencePair,
     finish_training_round,
     fresh_pair_groups,
     record_round_pairs,
     round_preference_pairs,
     running_round,
     start_training_round,
-    trajectory_keys,
 )
-from core.diffusion.ddim import ddim_schedule
+from core.diffusion.ddim import DdimSchedule, ddim_schedule
 from core.diffusion.policy import WEIGHT_NAME, Policy
-from core.diffusion.sampler import Trajectory
-from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, train_step
+from core.diffusion.sampler import Conditioning, SamplerSettings, Trajectory, encode_prompts
+from core.diffusion.training import (
+    DpoHyperparameters,
+    PairBatch,
+    ReferenceCache,
+    draw_step_indices,
+    make_optimizer,
+    train_step,
+    warm_reference_cache,
+)
 from core.storage import BlobNotFound, BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
@@ -75,6 +89,13 @@ class RoundConfig:
     # The sampler record workers write now (`configured_sampler(...)`): a new round trains only on pairs
     # drawn with settings it accepts; pairs at other settings wait, reported. None = the newest pair's.
     sampler: dict[str, Any] | None = None
+    # MiB the round's trajectories may take in memory, read once for the whole round (float16 latents;
+    # SD 1.5 at 512 px and 50 steps: (51, 4, 64, 64) x 2 B = 1.6 MiB each, 204 MiB for 64 pairs). A round
+    # beyond it reads each step's pairs from the blob store instead.
+    max_round_trajectories_mb: float = 1024.0
+    # MiB of reference step means kept across the round's steps (`ReferenceCache`, least recently used
+    # dropped first; SD 1.5 at 512 px: 64 KiB per (trajectory, step) row); 0 keeps nothing.
+    reference_cache_mb: float = 512.0
 
 
 @dataclass
@@ -124,6 +145,100 @@ class RoundMetrics:
             (a / c if c else None) for a, c in zip(self.by_step_clipped, self.by_step_count, strict=True)
         ]
         return out
+
+
+def _concat(parts: list[Conditioning]) -> Conditioning:
+    def cat(ds: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+        first = ds[0]
+        return None if first is None else {k: torch.cat([d[k] for d in ds if d is not None]) for k in first}
+
+    return Conditioning(
+        torch.cat([p.cond for p in parts]),
+        torch.cat([p.uncond for p in parts]),
+        cat([p.cond_added for p in parts]),
+        cat([p.uncond_added for p in parts]),
+    )
+
+
+@dataclass
+class RoundExamples:
+    """A round's pairs, ready to batch: what stays the same for the whole round is read or computed once.
+
+    - `trajectories`: every trajectory of the round, decoded once, when their float16 latents fit the
+      limit (SD 1.5 at 512 px, 50 steps: 1.6 MiB each); empty beyond it, and `batch` reads from `blobs`.
+    - `cond`: one conditioning row per distinct prompt, encoded once (SD 1.5: 2 x 77 x 768 values per
+      prompt, 473 KiB in float32); a batch indexes it instead of running the text encoder.
+    """
+
+    pairs: list[PreferencePair]
+    settings: SamplerSettings
+    blobs: BlobStore
+    trajectories: dict[int, Trajectory]
+    cond: Conditioning
+    prompt_row: dict[str, int]
+
+    @classmethod
+    def load(
+        cls, pairs: list[PreferencePair], blobs: BlobStore, policy: Policy, max_trajectory_bytes: int
+    ) -> RoundExamples:
+        if not pairs:
+            raise ValueError("a round needs at least one pair to train on")
+        first = _read(blobs, pairs[0].winner_latents_key)
+        keys = {p.winner_trajectory_id: p.winner_latents_key for p in pairs} | {
+            p.loser_trajectory_id: p.loser_latents_key for p in pairs
+        }
+        trajectories: dict[int, Trajectory] = {}
+        if len(keys) * first.latents.numel() * 2 <= max_trajectory_bytes:  # stored as float16
+            trajectories[pairs[0].winner_trajectory_id] = first
+            for tid, key in keys.items():
+                if tid not in trajectories:
+                    trajectories[tid] = _checked(_read(blobs, key), key, first.settings)
+        prompts = sorted({p.prompt for p in pairs})
+        cond = _concat(
+            [
+                encode_prompts(policy.pipe, prompts[i : i + 64], first.settings)
+                for i in range(0, len(prompts), 64)
+            ]
+        )
+        return cls(pairs, first.settings, blobs, trajectories, cond, {p: i for i, p in enumerate(prompts)})
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def trajectory(self, tid: int, key: str | None) -> Trajectory:
+        got = self.trajectories.get(tid)
+        return got if got is not None else _checked(_read(self.blobs, key), key, self.settings)
+
+    def batch(self, idx: list[int]) -> PairBatch:
+        """The pairs `idx` (repeats allowed) with their conditioning rows and trajectory ids."""
+        pairs = [self.pairs[i] for i in idx]
+        ws = [self.trajectory(p.winner_trajectory_id, p.winner_latents_key).latents for p in pairs]
+        ls = [self.trajectory(p.loser_trajectory_id, p.loser_latents_key).latents for p in pairs]
+        return PairBatch(
+            [p.prompt for p in pairs],
+            torch.stack(ws),
+            torch.stack(ls),
+            self.settings,
+            cond=self.cond.index(torch.tensor([self.prompt_row[p.prompt] for p in pairs])),
+            ids_w=[p.winner_trajectory_id for p in pairs],
+            ids_l=[p.loser_trajectory_id for p in pairs],
+        )
+
+
+def _read(blobs: BlobStore, key: str | None) -> Trajectory:
+    if key is None:
+        raise ValueError("a round's trajectory has no latents key: it was stored without its latents")
+    return Trajectory.from_bytes(blobs.get(key), name=f"trajectory blob {key!r}")
+
+
+def _checked(trajectory: Trajectory, key: str | None, settings: SamplerSettings) -> Trajectory:
+    if trajectory.settings != settings:
+        raise ValueError(
+            f"trajectory {key} was sampled with {trajectory.settings}, the round's first with {settings}; "
+            "the blobs disagree with their rows' sampler records, which keep a round to one settings "
+            "group: check that the blob store belongs to this database"
+        )
+    return trajectory
 
 
 @dataclass
@@ -227,39 +342,37 @@ class Trainer:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _load_examples(self, round_id: int) -> tuple[list[tuple[str, str, str]], int]:
-        """(prompt, winner trajectory key, loser trajectory key) per pair of the round, and the vote count."""
+    def _load_examples(self, round_id: int) -> RoundExamples:
+        """The round's pairs (one query) with their trajectories and prompts loaded once."""
         with self.sessions() as session:
             pairs = round_preference_pairs(session=session, round_id=round_id)
-            ids = [p.winner_trajectory_id for p in pairs] + [p.loser_trajectory_id for p in pairs]
-            rows = trajectory_keys(session=session, trajectory_ids=ids)
-        out = []
-        for p in pairs:
-            w, lo = rows[p.winner_trajectory_id].latents_key, rows[p.loser_trajectory_id].latents_key
-            assert w is not None and lo is not None
-            out.append((p.prompt, w, lo))
-        return out, sum(p.votes for p in pairs)
+        limit = int(self.config.max_round_trajectories_mb * 2**20)
+        return RoundExamples.load(pairs, self.blobs, self.policy, limit)
 
-    def _batch(self, examples: list[tuple[str, str, str]], idx: list[int]) -> PairBatch:
-        prompts, ws, ls = [], [], []
-        settings = None
-        for i in idx:
-            text, wkey, lkey = examples[i]
-            tw, tl = (
-                Trajectory.from_bytes(self.blobs.get(k), name=f"trajectory blob {k!r}") for k in (wkey, lkey)
-            )
-            settings = settings or tw.settings
-            if tw.settings != settings or tl.settings != settings:
-                raise ValueError(
-                    f"pair {wkey} / {lkey} was sampled with {tw.settings} / {tl.settings}, the batch with "
-                    f"{settings}; the blobs disagree with their rows' sampler records, which keep a round "
-                    "to one settings group: check that the blob store belongs to this database"
-                )
-            prompts.append(text)
-            ws.append(tw.latents)
-            ls.append(tl.latents)
-        assert settings is not None
-        return PairBatch(prompts, torch.stack(ws), torch.stack(ls), settings)
+    def _batch(self, examples: RoundExamples, idx: list[int]) -> PairBatch:
+        return examples.batch(idx)
+
+    def _draw(self, round_id: int, step: int, num_pairs: int) -> tuple[torch.Generator, list[int]]:
+        """Step `step`'s generator and pairs: the same for a resumed round (seeded by seed, round, step)."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_id * 10_007 + step)
+        idx = torch.randint(num_pairs, (min(cfg.pairs_per_step, num_pairs),), generator=gen).tolist()
+        return gen, idx
+
+    def _replay_reference(
+        self,
+        examples: RoundExamples,
+        round_id: int,
+        steps: int,
+        schedule: DdimSchedule,
+        cache: ReferenceCache,
+    ) -> None:
+        """Rebuild the cache a resumed round had at step `steps`: the reference part of each earlier step,
+        on the same draws (a third of a step's UNet work or less; no policy pass, no backward)."""
+        for step in range(steps):
+            gen, idx = self._draw(round_id, step, len(examples))
+            step_idx = draw_step_indices(self.config.hp, schedule.num_steps, len(idx), gen)
+            warm_reference_cache(self.policy, examples.batch(idx), step_idx, schedule, cache)
 
     def _start_state(self, base_version: int) -> torch.optim.Optimizer:
         with self.sessions() as session:
@@ -281,31 +394,22 @@ class Trainer:
 
     def _train(self, round_id: int, base_version: int) -> int | None:
         started = time.perf_counter()
-        examples, labels_used = self._load_examples(round_id)
-        pairs_used = len(examples)
+        cfg = self.config
+        examples = self._load_examples(round_id)
         optimizer = self._start_state(base_version)
         ckpt_key = f"rounds/{round_id}/checkpoint.pt"
-        first = self._batch(examples, [0])
         schedule = ddim_schedule(
-            self.policy.pipe.scheduler, first.settings.num_steps, self.policy.unet.device
+            self.policy.pipe.scheduler, examples.settings.num_steps, self.policy.unet.device
         )
-        metrics = RoundMetrics(num_steps=first.settings.num_steps)
-        start_step = 0
-        if self.blobs.exists(ckpt_key):
-            ckpt = torch.load(io.BytesIO(self.blobs.get(ckpt_key)), weights_only=False)
-            self.policy.hot_swap(ckpt["adapter"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            metrics = ckpt["metrics"]
-            start_step = ckpt["step"]
+        cache = ReferenceCache(int(cfg.reference_cache_mb * 2**20))
+        metrics, start_step = self._resume(ckpt_key, optimizer, examples.settings.num_steps)
+        if start_step:
             logger.info("round %d: resumed at step %d", round_id, start_step)
-        cfg = self.config
+            self._replay_reference(examples, round_id, start_step, schedule, cache)
         for step in range(start_step, cfg.steps_per_round):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_id * 10_007 + step)
-            idx = torch.randint(
-                len(examples), (min(cfg.pairs_per_step, len(examples)),), generator=gen
-            ).tolist()
-            m = train_step(self.policy, optimizer, self._batch(examples, idx), cfg.hp, schedule, gen)
-            metrics.add(m, cfg.hp.clip)
+            gen, idx = self._draw(round_id, step, len(examples))
+            batch = self._batch(examples, idx)
+            metrics.add(train_step(self.policy, optimizer, batch, cfg.hp, schedule, gen, cache), cfg.hp.clip)
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
             if self.should_stop is not None and self.should_stop() and step + 1 < cfg.steps_per_round:
@@ -319,14 +423,22 @@ class Trainer:
                 return None
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps_per_round:
                 self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
+        logger.info(
+            "round %d: reference cache hit rate %.2f (%d rows kept, %d evicted)",
+            round_id,
+            cache.hit_rate(),
+            len(cache),
+            cache.evictions,
+        )
         summary = metrics.summary() | {
-            "pairs_used": pairs_used,
-            "labels_used": labels_used,
+            "pairs_used": len(examples),
+            "labels_used": sum(p.votes for p in examples.pairs),
             "round_seconds": time.perf_counter() - started,
             "gamma": cfg.hp.gamma,
             "beta": cfg.hp.beta,
             "clip": cfg.hp.clip,
             "sampled_steps": cfg.hp.num_sampled_steps,
+            "reference_cache_hit_rate": cache.hit_rate(),
         }
         if self.evaluate is not None:
             summary |= self.evaluate(self.policy)
@@ -335,6 +447,18 @@ class Trainer:
         if self.on_publish:
             self.on_publish(version)
         return version
+
+    def _resume(
+        self, ckpt_key: str, optimizer: torch.optim.Optimizer, num_steps: int
+    ) -> tuple[RoundMetrics, int]:
+        """The metric sums and the next step from the round's checkpoint (adapter and optimizer restored
+        in place), or fresh ones at step 0."""
+        if not self.blobs.exists(ckpt_key):
+            return RoundMetrics(num_steps=num_steps), 0
+        ckpt = torch.load(io.BytesIO(self.blobs.get(ckpt_key)), weights_only=False)
+        self.policy.hot_swap(ckpt["adapter"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return ckpt["metrics"], ckpt["step"]
 
     def _checkpoint(
         self, key: str, step: int, optimizer: torch.optim.Optimizer, metrics: RoundMetrics

@@ -36,7 +36,9 @@ class StandIn:
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [self.w, self.l]
 
-    def pair_log_ratios(self, policy: Any, batch: Any, step_idx: torch.Tensor, schedule: Any) -> Any:
+    def pair_log_ratios(
+        self, policy: Any, batch: Any, step_idx: torch.Tensor, schedule: Any, reference_cache: Any = None
+    ) -> Any:
         self.asked.append(step_idx.clone())
         return self.w * 1.0, self.l * 1.0
 
