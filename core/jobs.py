@@ -6,24 +6,12 @@ everything else from Postgres and the blob store.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-# Dotted paths of the worker functions RQ imports to run sampling jobs. SAMPLE_PAIR (one pair) is
-# kept so jobs queued by an older release still run after an upgrade; new jobs use SAMPLE_PAIRS.
-SAMPLE_PAIR = "worker.jobs.sample_pair"
+# Dotted paths of the worker functions RQ imports to run sampling jobs.
 SAMPLE_PAIRS = "worker.jobs.sample_pairs"
 SAMPLE_EVAL_PAIRS = "worker.jobs.sample_eval_pairs"
-
-
-@dataclass(frozen=True)
-class SamplePair:
-    """Sample two trajectories of one prompt with the current policy and insert them as a pair."""
-
-    prompt_id: int
-
-    def kwargs(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

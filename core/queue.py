@@ -78,10 +78,6 @@ class SamplingQueue(Protocol):
         """Queue one job that samples a pair for each of `prompt_ids` in one batch; returns its id."""
         ...
 
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
-        """Queue a job for one pair of `prompt_id`; returns its id."""
-        ...
-
     def enqueue_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> str:
         """Queue one job that samples an evaluation pair of campaign `campaign_id` per prompt id."""
         ...
@@ -154,9 +150,6 @@ class RqSamplingQueue:
         )
         return str(job.id)
 
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
-        return self.enqueue_sample_pairs([prompt_id])
-
     def is_active(self, job_id: str) -> bool:
         try:
             status = Job.fetch(job_id, connection=self.redis).get_status(refresh=True)
@@ -216,9 +209,6 @@ class ThreadQueue:
             self._status[job_id] = "queued"
         self._jobs.put((job_id, campaign_id, prompt_ids, 0))
         return job_id
-
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
-        return self.enqueue_sample_pairs([prompt_id])
 
     def is_active(self, job_id: str) -> bool:
         with self._lock:

@@ -5,11 +5,6 @@ from __future__ import annotations
 from worker.sampling import current
 
 
-def sample_pair(prompt_id: int) -> int:
-    """Sample two trajectories of `prompt_id` with the current policy and store them as a pair."""
-    return current().sample_pair(prompt_id)
-
-
 def sample_pairs(prompt_ids: list[int]) -> list[int]:
     """Sample one pair per prompt id in one batch with the current policy; returns the new pair ids."""
     return current().sample_pairs(prompt_ids)

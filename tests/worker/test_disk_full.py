@@ -166,7 +166,7 @@ def test_worker_job_on_a_full_disk_fails_clearly_and_leaves_nothing(
     sampling.install(build_sampler(loop_settings))
     disk.files_that_fit = files_that_fit
     queue = RqSamplingQueue(redis, retries=0)
-    job_id = queue.enqueue_sample_pair(1)
+    job_id = queue.enqueue_sample_pairs([1])
     worker = SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
     worker.work(burst=True)
     job = Job.fetch(job_id, connection=redis)

@@ -58,7 +58,7 @@ def test_failed_job_leaves_no_rows_or_blobs_and_is_retried(loop_settings, redis,
 
     monkeypatch.setattr(sampling, "create_pair", flaky)
     queue = RqSamplingQueue(redis, retries=1, retry_intervals=(0,))
-    job_id = queue.enqueue_sample_pair(1)
+    job_id = queue.enqueue_sample_pairs([1])
     worker = SimpleWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
     worker.work(burst=True, max_jobs=1)
     # the failed attempt left nothing: its trajectories were rolled back and its blobs deleted

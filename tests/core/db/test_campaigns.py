@@ -358,9 +358,6 @@ class RecordingQueue:
     def enqueue_sample_pairs(self, prompt_ids: list[int]) -> str:
         raise AssertionError("no training prompts here")
 
-    def enqueue_sample_pair(self, prompt_id: int) -> str:
-        raise AssertionError("no training prompts here")
-
     def is_active(self, job_id: str) -> bool:
         return job_id not in self.done
 
