@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from core.diffusion.models import Pipeline, clip_tokenizer, sd_scheduler, tiny_text_encoder_config
+from core.diffusion.models import Pipeline, sd_pipeline, tiny_text_encoder_config
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,4 @@ def build_text_encoder(sizes: Sizes) -> CLIPTextModel:
 
 def assemble(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> Pipeline:
     """A StableDiffusionPipeline around the three networks, the real tokenizer and the SD 1.x schedule."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, unet)

@@ -148,43 +148,45 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
+# The tiny UNet's shape, shared by the SD and SDXL variants (which differ in conditioning).
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+
+
+def sd_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel) -> Pipeline:
+    """A StableDiffusionPipeline around three networks, with the tokenizer we ship, the SD 1.x
+    schedule and no safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", *, seed: int = 0) -> Pipeline:
     """A randomly initialised SD or SDXL pipeline small enough for CPU tests (64 px images, 32x32 latents)."""
     torch.manual_seed(seed)
     if kind == "sd":
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
+        unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=32)
         vae = tiny_vae()
-        text_encoder = CLIPTextModel(tiny_text_encoder_config())
-        return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=clip_tokenizer(),
-            unet=unet,
-            scheduler=sd_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return sd_pipeline(vae, CLIPTextModel(tiny_text_encoder_config()), unet)
     if kind == "sdxl":
         # SDXL conditions the UNet on two text encoders (hidden 32 + 32 = cross-attention 64) and on
         # "added" embeddings: the pooled text embedding (32) and six size/crop time ids (6 * 8).
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            **TINY_UNET,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
