@@ -16,12 +16,11 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.blob_keys import SAMPLED_PREFIXES
 from core.db.models import Trajectory
 from core.storage import LocalBlobStore
 
 logger = logging.getLogger(__name__)
-
-SAMPLED_PREFIXES = ("trajectories", "images")
 
 
 def sweep_orphans(*, session: Session, store: LocalBlobStore, older_than: dt.timedelta) -> list[str]:
