@@ -86,8 +86,8 @@ MUTANTS = [
     Mutant(
         "batch-swap",
         "trainer/rounds.py",
-        "            ws.append(tw.latents)\n            ls.append(tl.latents)",
-        "            ws.append(tl.latents)\n            ls.append(tw.latents)",
+        "            torch.stack(ws),\n            torch.stack(ls),",
+        "            torch.stack(ls),\n            torch.stack(ws),",
         ROUND,
         "the trainer's batch puts each loser where the winner goes",
     ),
@@ -102,8 +102,8 @@ MUTANTS = [
     Mutant(
         "round-pairs-winner",
         "core/db/training.py",
-        '        w, lo = (a, b) if winner == "a" else (b, a)',
-        '        w, lo = (b, a) if winner == "a" else (a, b)',
+        '    a_won = TrainingRoundPair.winner == "a"',
+        '    a_won = TrainingRoundPair.winner == "b"',
         ROUND,
         "the round's recorded winner is read back as the loser",
     ),
@@ -187,8 +187,8 @@ MUTANTS = [
     Mutant(
         "resume-drops-optimizer",
         "trainer/rounds.py",
-        '            optimizer.load_state_dict(ckpt["optimizer"])',
-        "            pass",
+        '        optimizer.load_state_dict(ckpt["optimizer"])',
+        "        pass",
         ROUND,
         "a resumed round restarts AdamW's moments",
     ),

@@ -96,6 +96,16 @@ def preference_pairs(
         votes[pair_id].append(choice)
         if pair_id not in info:
             info[pair_id] = (version, required, a, b, text, pair_group(sampler_a or {}, sampler_b or {}))
+    return _decided(votes, info, complete_only=complete_only)
+
+
+def _decided(
+    votes: Mapping[int, list[str]],
+    info: Mapping[int, tuple[int, int, int, int, str, SamplerGroup | None]],
+    *,
+    complete_only: bool,
+) -> list[PreferencePair]:
+    """The pairs whose votes decide for a or b (and, with `complete_only`, got all their judgements)."""
     result = []
     for pair_id, choices in votes.items():
         version, required, a, b, text, group = info[pair_id]
