@@ -10,7 +10,10 @@ latency of both calls (each HTTP attempt, and end to end including retries and t
 retries (by cause) apart from errors (calls that failed for good: a non-2xx other than a retried
 503, or retries used up), judgements acknowledged (201, or 200 for a repeat the server already had)
 vs stored in Postgres (must be equal), and whether any pair was ever handed to two annotators at
-overlapping times or judged twice. Figures go to --out (default bench/results/load.json).
+overlapping times or judged twice. It also reports the CPU time the server spent per request
+(user + system time of the `densealign serve` process and its workers over the load, divided by the
+HTTP requests answered) and, apart, the CPU time of this client process. Figures go to --out
+(default bench/results/load.json).
 
 Usage: python bench/load.py [--users 200] [--duration 300] [--workers 4] [--think 1.0] [--retries 5]
     [--out bench/results/load-200users-300s.json]
@@ -185,6 +188,23 @@ async def run_load(
     return stats
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and every live process under it (uvicorn's
+    workers), read from /proc (Linux)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            # Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    return total
+
+
 def wait_until_up(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -235,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{args.users} annotators for {args.duration:.0f}s against {args.workers} workers", flush=True
             )
+            server_cpu, client_cpu = tree_cpu_seconds(proc.pid), time.process_time()
             started = time.perf_counter()
             stats = asyncio.run(run_load(base_url, tokens, args.duration, args.think, args.retries))
             wall = time.perf_counter() - started
+            server_cpu = tree_cpu_seconds(proc.pid) - server_cpu
+            client_cpu = time.process_time() - client_cpu
             engine = make_engine(url)
             with make_session_factory(engine)() as session:
                 stored = int(session.scalar(select(func.count(Judgement.id))) or 0)
@@ -255,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for holds in stats["holds"].values():
         holds.sort()
         overlapping += sum(1 for a, b in zip(holds, holds[1:], strict=False) if b[0] < a[1] and a[2] != b[2])
+    requests = len(stats["next_ms"]) + len(stats["judge_ms"])
     result = {
         "benchmark": "load",
         "users": args.users, "duration_s": round(wall, 1), "uvicorn_workers": args.workers, "think_s": args.think,
@@ -269,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         "judgement_ms": quantiles(stats["judge_ms"]),
         "next_pair_with_retries_ms": quantiles(stats["next_total_ms"]),
         "judgement_with_retries_ms": quantiles(stats["judge_total_ms"]),
-        "requests": len(stats["next_ms"]) + len(stats["judge_ms"]),
+        "requests": requests,
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / max(requests, 1), 3),
+        "client_cpu_s": round(client_cpu, 2),
+        "client_cpu_ms_per_request": round(1000 * client_cpu / max(requests, 1), 3),
         "judgements_per_s": stats["acknowledged"] / wall,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip

@@ -8,6 +8,13 @@ fresh; this order is the partial index `ix_pairs_open` read backwards). The leas
 ours: the database, not this code, guarantees one live lease per pair. On Postgres the candidate scan
 also uses `FOR UPDATE SKIP LOCKED`, so concurrent requests fan out over different pairs instead of
 queueing on the same row; SQLite serialises writers, and the upsert alone is enough there.
+
+On Postgres all of it is one statement (`LEASE_OR_CLAIM`, one database round trip): data-modifying
+CTEs renew the labeller's held lease or, when there is none, pick and claim a candidate, and the
+statement returns the pair's row with its prompt's text and the side shown on the left. It is sent
+again, without the candidate it saw, only when another request claimed that pair between this
+statement's snapshot and its upsert. SQLite has no data-modifying CTEs: there the same steps are
+separate statements (`_next_pair_stepwise`), which is fine for the embedded single-machine mode.
 """
 
 from __future__ import annotations
@@ -17,14 +24,95 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Integer,
+    String,
+    Text,
+    TextualSelect,
+    bindparam,
+    column,
+    or_,
+    select,
+)
+from sqlalchemy import text as sql_text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from core.db.base import utcnow
+from core.db.base import UTCDateTime, utcnow
 from core.db.models import EvalCampaign, Judgement, Lease, Pair, Prompt
 
 CANDIDATES_PER_TRY = 16
+
+# Postgres: renew the held lease, or claim the first free candidate of :kind, in one statement. The
+# candidate CTE is the stepwise candidate query (it reads ix_pairs_open backwards) behind a one-time
+# "nothing held" filter; `claimed` is the guarded upsert. The last UNION branch reports a candidate
+# whose claim lost a race (left_side NULL), so the caller can try again without it.
+LEASE_OR_CLAIM = """\
+WITH held AS (
+    SELECT leases.id FROM leases
+    WHERE leases.labeller_id = :labeller_id AND leases.expires_at > :now
+      AND leases.pair_id <> ALL(:exclude)
+      AND NOT EXISTS (SELECT 1 FROM judgements
+                      WHERE judgements.pair_id = leases.pair_id AND judgements.labeller_id = :labeller_id)
+    ORDER BY leases.id LIMIT 1
+), renewed AS (
+    UPDATE leases SET expires_at = :expires FROM held WHERE leases.id = held.id
+    RETURNING leases.pair_id, leases.left_side
+), candidate AS (
+    SELECT pairs.id FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id {campaign_join}
+    WHERE NOT EXISTS (SELECT 1 FROM held)
+      AND prompts.active AND pairs.judgement_count < pairs.required_judgements AND pairs.kind = :kind
+      AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.pair_id = pairs.id AND leases.expires_at > :now)
+      AND NOT EXISTS (SELECT 1 FROM judgements
+                      WHERE judgements.pair_id = pairs.id AND judgements.labeller_id = :labeller_id)
+      AND pairs.id <> ALL(:exclude)
+    ORDER BY pairs.policy_version DESC, pairs.judgement_count DESC, pairs.id DESC
+    LIMIT 1 FOR UPDATE OF pairs SKIP LOCKED
+), claimed AS (
+    INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
+    SELECT candidate.id, :labeller_id, :left_side, :expires FROM candidate
+    ON CONFLICT (pair_id) DO UPDATE
+        SET labeller_id = excluded.labeller_id, left_side = excluded.left_side, expires_at = excluded.expires_at
+        WHERE leases.expires_at <= :now OR leases.labeller_id = :labeller_id
+    RETURNING leases.pair_id, leases.left_side
+), chosen AS (
+    SELECT pair_id, left_side FROM renewed
+    UNION ALL SELECT pair_id, left_side FROM claimed
+    UNION ALL SELECT candidate.id, NULL FROM candidate WHERE NOT EXISTS (SELECT 1 FROM claimed)
+)
+SELECT {pair_columns}, prompts.text AS prompt_text, chosen.left_side
+FROM chosen JOIN pairs ON pairs.id = chosen.pair_id JOIN prompts ON prompts.id = pairs.prompt_id
+"""
+_CAMPAIGN_JOIN = (
+    "JOIN eval_campaigns ON eval_campaigns.id = pairs.campaign_id AND eval_campaigns.status = 'running'"
+)
+
+
+def _lease_or_claim(kind: str) -> TextualSelect:
+    pair_columns = ", ".join(f"pairs.{c.name}" for c in Pair.__table__.columns)
+    statement = LEASE_OR_CLAIM.format(
+        campaign_join=_CAMPAIGN_JOIN if kind == "eval" else "", pair_columns=pair_columns
+    )
+    return (
+        sql_text(statement)
+        .bindparams(
+            bindparam("exclude", type_=ARRAY(Integer)),
+            bindparam("now", type_=UTCDateTime()),
+            bindparam("expires", type_=UTCDateTime()),
+        )
+        .columns(*Pair.__table__.columns, column("prompt_text", Text), column("left_side", String))
+    )
+
+
+_STATEMENTS = {kind: _lease_or_claim(kind) for kind in ("train", "eval")}
+_ORM_STATEMENTS = {
+    kind: select(
+        Pair, statement.selected_columns.prompt_text, statement.selected_columns.left_side
+    ).from_statement(statement)
+    for kind, statement in _STATEMENTS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +143,33 @@ def next_pair(
     now = now or utcnow()
     rng = rng or random.Random()
     expires = now + dt.timedelta(seconds=lease_seconds)
+    if session.get_bind().dialect.name != "postgresql":
+        return _next_pair_stepwise(session, labeller_id, rng, exclude, now, expires, eval_share)
+    tried = list(exclude)
+    for kind in _kinds_in_order(rng, eval_share):
+        while True:
+            params = {"labeller_id": labeller_id, "now": now, "expires": expires, "exclude": tried}
+            params |= {"kind": kind, "left_side": rng.choice(("a", "b"))}
+            row = session.execute(_ORM_STATEMENTS[kind], params).first()
+            if row is None:
+                break  # nothing held, no candidate of this kind
+            pair, prompt_text, left_side = row
+            if left_side is not None:
+                return Assignment(pair=pair, prompt_text=prompt_text, left_side=left_side, expires_at=expires)
+            tried.append(pair.id)  # someone claimed it first
+    return None
+
+
+def _next_pair_stepwise(
+    session: Session,
+    labeller_id: int,
+    rng: random.Random,
+    exclude: Collection[int],
+    now: dt.datetime,
+    expires: dt.datetime,
+    eval_share: float,
+) -> Assignment | None:
+    """next_pair as separate statements, for SQLite."""
     held: Lease | None = session.scalars(
         select(Lease)
         .where(Lease.labeller_id == labeller_id, Lease.expires_at > now, Lease.pair_id.not_in(list(exclude)))
@@ -119,21 +234,15 @@ def _candidates(
         )
     if tried:
         query = query.where(Pair.id.not_in(list(tried)))
-    query = query.limit(CANDIDATES_PER_TRY)
-    if session.get_bind().dialect.name == "postgresql":
-        # Lock one row at a time: a locked batch would hide pairs this request never claims.
-        query = query.limit(1).with_for_update(of=Pair, skip_locked=True)
-    return list(session.scalars(query))
+    return list(session.scalars(query.limit(CANDIDATES_PER_TRY)))
 
 
 def _claim(
     session: Session, pair_id: int, labeller_id: int, left_side: str, expires: dt.datetime, now: dt.datetime
 ) -> bool:
     """Insert or take over the pair's lease row; False when someone else holds it live."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     values = {"pair_id": pair_id, "labeller_id": labeller_id, "left_side": left_side, "expires_at": expires}
-    upsert = insert(Lease).values(**values)
+    upsert = sqlite.insert(Lease).values(**values)
     stmt = upsert.on_conflict_do_update(
         index_elements=[Lease.pair_id],
         set_={"labeller_id": labeller_id, "left_side": left_side, "expires_at": expires},

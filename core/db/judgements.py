@@ -3,6 +3,13 @@
 Idempotency: the client picks a `client_key` per judgement. A repeat with the same key (a retry after
 a lost response) returns the judgement already stored; the unique constraint on the key settles a race
 between two identical requests, and the loser reads the winner's row.
+
+On Postgres the usual case, a first judgement of a pair the labeller holds, is one statement
+(`JUDGE`, one database round trip): data-modifying CTEs insert the judgement (ON CONFLICT DO NOTHING
+covers a repeated key and a second judgement of the pair), move the pair's count under its guard and
+release the lease, each step only if the one before it happened. Whenever it does not record (a
+repeat, a refusal, a lost race), the step-by-step path below runs in the same transaction and
+answers exactly as it always has; SQLite, which has no data-modifying CTEs, always takes that path.
 """
 
 from __future__ import annotations
@@ -10,12 +17,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Boolean, Integer, bindparam, column, delete, select, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db.assignment import Assignment, lease_for
-from core.db.base import utcnow
+from core.db.base import UTCDateTime, utcnow
 from core.db.campaigns import finish_if_reached
 from core.db.errors import (
     AlreadyJudged,
@@ -30,6 +38,41 @@ from core.db.errors import (
 )
 from core.db.models import CHOICES, Judgement, Lease, Pair, Prompt
 from core.db.pairs import get_pair
+
+_JUDGEMENT_COLUMNS = ", ".join(f"judgements.{c.name}" for c in Judgement.__table__.columns)
+# The pair-open check in the insert reads the statement's snapshot; the count's guard is re-checked
+# under the pair's row lock, so a judgement that lost the race for the last place comes back with
+# counted = false, and is taken back by the caller.
+JUDGE = f"""\
+WITH lease AS (
+    SELECT leases.id, leases.left_side FROM leases
+    WHERE leases.pair_id = :pair_id AND leases.labeller_id = :labeller_id
+), judged AS (
+    INSERT INTO judgements (pair_id, labeller_id, choice, shown_left, decide_ms, client_key, created_at)
+    SELECT :pair_id, :labeller_id, :choice, lease.left_side, :decide_ms, :client_key, :created_at
+    FROM lease JOIN pairs ON pairs.id = :pair_id AND pairs.judgement_count < pairs.required_judgements
+    ON CONFLICT DO NOTHING
+    RETURNING {_JUDGEMENT_COLUMNS}
+), counted AS (
+    UPDATE pairs SET judgement_count = pairs.judgement_count + 1
+    WHERE pairs.id = :pair_id AND pairs.judgement_count < pairs.required_judgements
+      AND EXISTS (SELECT 1 FROM judged)
+    RETURNING pairs.campaign_id
+), released AS (
+    DELETE FROM leases USING lease
+    WHERE leases.id = lease.id AND leases.labeller_id = :labeller_id AND EXISTS (SELECT 1 FROM counted)
+)
+SELECT judged.*, EXISTS (SELECT 1 FROM counted) AS counted, (SELECT campaign_id FROM counted) AS campaign_id
+FROM judged
+"""
+_JUDGE = (
+    sql_text(JUDGE)
+    .bindparams(bindparam("created_at", type_=UTCDateTime()), bindparam("decide_ms", type_=Integer()))
+    .columns(*Judgement.__table__.columns, column("counted", Boolean), column("campaign_id", Integer))
+)
+_JUDGE_ORM = select(
+    Judgement, _JUDGE.selected_columns.counted, _JUDGE.selected_columns.campaign_id
+).from_statement(_JUDGE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +95,36 @@ def record_judgement(
         raise InvalidInput(f"choice {choice!r} is not one of {', '.join(CHOICES)}")
     if decide_ms is not None and decide_ms < 0:
         raise InvalidInput(f"decide_ms {decide_ms} is negative; send the milliseconds taken to decide")
+    if session.get_bind().dialect.name == "postgresql":
+        recorded = _record_in_one_statement(session, labeller_id, pair_id, choice, client_key, decide_ms)
+        if recorded is not None:
+            return recorded
+    return _record_stepwise(session, labeller_id, pair_id, choice, client_key, decide_ms)
 
+
+def _record_in_one_statement(
+    session: Session, labeller_id: int, pair_id: int, choice: str, client_key: str, decide_ms: int | None
+) -> Recorded | None:
+    """The usual case in one round trip; None (and nothing changed) when it does not apply."""
+    params = {"pair_id": pair_id, "labeller_id": labeller_id, "choice": choice, "client_key": client_key}
+    params |= {"decide_ms": decide_ms, "created_at": utcnow()}
+    row = session.execute(_JUDGE_ORM, params).first()
+    if row is None:
+        return None
+    judgement, counted, campaign_id = row
+    if not counted:  # lost the pair's last place to a concurrent judgement: take the row back
+        session.execute(delete(Judgement).where(Judgement.id == judgement.id))
+        session.expunge(judgement)
+        return None
+    _expire_count(session, pair_id)
+    if campaign_id is not None:  # an evaluation vote: its campaign may have all it needs now
+        finish_if_reached(session=session, campaign_id=campaign_id)
+    return Recorded(judgement, created=True)
+
+
+def _record_stepwise(
+    session: Session, labeller_id: int, pair_id: int, choice: str, client_key: str, decide_ms: int | None
+) -> Recorded:
     # A retry of this very judgement may commit between any two of the checks below, so every
     # refusal first looks for the key again: a repeat must never be answered with an error.
     def repeat_or(refusal: DomainError) -> Recorded:
@@ -115,10 +187,14 @@ def _count(session: Session, pair_id: int, delta: int) -> bool:
         .returning(Pair.id)
         .execution_options(synchronize_session=False)
     ).first()
+    _expire_count(session, pair_id)
+    return changed is not None
+
+
+def _expire_count(session: Session, pair_id: int) -> None:
     pair = session.identity_map.get(session.identity_key(Pair, pair_id))
     if pair is not None:  # loaded earlier in this session: read the new count on next access
         session.expire(pair, ["judgement_count"])
-    return changed is not None
 
 
 def _by_client_key(

@@ -7,6 +7,9 @@ argon2 would be needed only for human-chosen passwords, which DenseAlign does no
 Browser sessions are signed cookies that carry the labeller's `session_epoch` from the moment of
 login; the app accepts a cookie only while the row still has that epoch. Logging out and being
 deactivated bump it, which ends every session of the account at once (`end_sessions`).
+
+Every function here that changes a labeller's row notes the id in `session.info[CHANGED_LABELLERS]`,
+so a process that caches labeller rows (app/deps.py) can drop them once the change is committed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from core.db.errors import (
 )
 from core.db.models import ROLES, Invite, Labeller
 
+# session.info key: ids of labellers whose row this session changed (status, role, session epoch).
+CHANGED_LABELLERS = "changed_labeller_ids"
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -44,6 +50,10 @@ def new_token() -> str:
 class IssuedToken:
     labeller: Labeller
     token: str  # shown once; only its hash is stored
+
+
+def _note_change(session: Session, labeller_id: int) -> None:
+    session.info.setdefault(CHANGED_LABELLERS, set()).add(labeller_id)
 
 
 def _check_name(name: str) -> None:
@@ -173,6 +183,7 @@ def update_labeller(
     if role is not None:
         labeller.role = role
     session.flush()
+    _note_change(session, labeller.id)
     return labeller
 
 
@@ -187,6 +198,7 @@ def end_sessions(*, session: Session, labeller_id: int) -> None:
         .values(session_epoch=Labeller.session_epoch + 1)
         .execution_options(synchronize_session="fetch")
     )
+    _note_change(session, labeller_id)
 
 
 def list_labellers(*, session: Session) -> list[Labeller]:

@@ -1,71 +1,100 @@
 """The database, not the candidate scan, keeps a live lease its holder's: a second labeller whose scan
-still saw the pair as free (as a concurrent request does) cannot take it over. Deterministic: the
-stale scan is played by handing `next_pair` the leased pair as its only candidate, no threads."""
+still saw the pair as free (as a concurrent request does) cannot take it over.
+
+Played with two real connections: the pair's expired lease row is taken over by the holder but not
+yet committed, so the second labeller's next-pair statement still sees the pair as free, picks it and
+blocks in its upsert on that row; the holder then commits. The upsert's guard must refuse a live
+lease and take over an expired one. (Taking over a row, rather than inserting one, leaves the pair's
+row unlocked, as a committed claim does; an insert would key-share lock it and the scan would skip it.)
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import random
-from collections.abc import Callable
+import threading
+import time
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, text, update
 
-from core.db import assignment
-from core.db.assignment import lease_for, next_pair
+from core.db.assignment import Assignment, next_pair
 from core.db.base import utcnow
-from core.db.models import Labeller, Lease, Pair
+from core.db.models import Lease
+from tests.core.db.conftest import Committed
 
 
-def lease_row(session: Session, pair_id: int) -> tuple[int, str, dt.datetime]:
-    lease = session.scalars(select(Lease).where(Lease.pair_id == pair_id)).one()
-    session.refresh(lease)
-    return lease.labeller_id, lease.left_side, lease.expires_at
+def _wait_for_a_lock_wait(factory: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    with factory() as watcher:  # type: ignore[operator]
+        while True:
+            waiting = watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+            watcher.rollback()
+            if waiting:
+                return
+            assert time.monotonic() < deadline, "the second claim never waited on the holder's lease row"
+            time.sleep(0.02)
 
 
-def test_a_live_lease_cannot_be_claimed_by_another_labeller(
-    session: Session, make_labeller: Callable[..., tuple[Labeller, str]], make_pair: Callable[..., Pair]
+@pytest.mark.parametrize("holder_lease_live", [True, False])
+def test_a_claim_racing_an_uncommitted_lease_respects_it_only_while_it_is_live(
+    engine_committed: Committed, holder_lease_live: bool
 ) -> None:
-    pair = make_pair(required=3)
-    first, second = make_labeller()[0], make_labeller()[0]
-    now = utcnow()
-    got = next_pair(session=session, labeller_id=first.id, lease_seconds=60, rng=random.Random(0), now=now)
-    assert got is not None and got.pair.id == pair.id
-    held = lease_row(session, pair.id)
-    assert held[0] == first.id
-    # The claim itself refuses, a second later and a second before expiry...
-    for at in (now + dt.timedelta(seconds=1), now + dt.timedelta(seconds=59)):
-        expires = at + dt.timedelta(seconds=60)
-        assert not assignment._claim(session, pair.id, second.id, "b", expires, at)
-        assert lease_row(session, pair.id) == held
-    # ...and once the lease has expired, the same claim succeeds.
-    later = now + dt.timedelta(seconds=61)
-    assert assignment._claim(session, pair.id, second.id, "a", later + dt.timedelta(seconds=60), later)
-    assert lease_row(session, pair.id)[:2] == (second.id, "a")
-    assert lease_for(session=session, pair_id=pair.id, labeller_id=first.id) is None
+    factory, labellers, pairs = engine_committed
+    target, others = pairs[0], pairs[1:]
+    holder, second = labellers[:2]
+    expires = utcnow() + dt.timedelta(seconds=60 if holder_lease_live else -1)
+    got: list[Assignment | None] = []
+
+    def claim() -> None:
+        with factory() as session:
+            got.append(next_pair(session=session, labeller_id=second, lease_seconds=60, exclude=others))
+            session.commit()
+
+    with factory() as setup:
+        setup.add(
+            Lease(
+                pair_id=target,
+                labeller_id=labellers[2],
+                left_side="b",
+                expires_at=utcnow() - dt.timedelta(seconds=5),
+            )
+        )
+        setup.commit()
+    with factory() as holding:
+        holding.execute(
+            update(Lease)
+            .where(Lease.pair_id == target)
+            .values(labeller_id=holder, left_side="a", expires_at=expires)
+        )  # uncommitted: the other statement's snapshot still sees the expired lease
+        claimer = threading.Thread(target=claim)
+        claimer.start()
+        _wait_for_a_lock_wait(factory)
+        holding.commit()
+    claimer.join(timeout=30)
+    assert len(got) == 1
+    with factory() as session:
+        lease = session.scalars(select(Lease).where(Lease.pair_id == target)).one()
+    if holder_lease_live:
+        assert got[0] is None  # the only candidate was taken: nothing, rather than a leased pair
+        assert (lease.labeller_id, lease.left_side, lease.expires_at) == (holder, "a", expires)
+    else:
+        assert got[0] is not None and got[0].pair.id == target
+        assert lease.labeller_id == second
 
 
-def test_next_pair_with_a_stale_scan_gives_nothing_rather_than_a_leased_pair(
-    session: Session,
-    make_labeller: Callable[..., tuple[Labeller, str]],
-    make_pair: Callable[..., Pair],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    pair = make_pair(required=3)
-    first, second = make_labeller()[0], make_labeller()[0]
-    got = next_pair(session=session, labeller_id=first.id, lease_seconds=60)
-    assert got is not None and got.pair.id == pair.id
-    held = lease_row(session, pair.id)
-
-    def stale_scan(
-        session: Session, labeller_id: int, now: dt.datetime, tried: set[int], kind: str = "train"
-    ) -> list[int]:
-        return [] if pair.id in tried else [pair.id]  # the scan ran before the first lease was written
-
-    monkeypatch.setattr(assignment, "_candidates", stale_scan)
-    assert next_pair(session=session, labeller_id=second.id, lease_seconds=60) is None
-    assert lease_row(session, pair.id) == held
-    # The holder asking again gets the same pair back on the same side (its own lease).
-    again = next_pair(session=session, labeller_id=first.id, lease_seconds=60)
-    assert again is not None and (again.pair.id, again.left_side) == (pair.id, held[1])
+def test_the_holder_asking_again_gets_the_same_pair_on_the_same_side(engine_committed: Committed) -> None:
+    factory, labellers, _ = engine_committed
+    with factory() as session:
+        first = next_pair(session=session, labeller_id=labellers[0], lease_seconds=60)
+        session.commit()
+        again = next_pair(session=session, labeller_id=labellers[0], lease_seconds=60)
+        session.commit()
+        other = next_pair(session=session, labeller_id=labellers[1], lease_seconds=60)
+    assert first is not None and again is not None and other is not None
+    assert (again.pair.id, again.left_side) == (first.pair.id, first.left_side)
+    assert again.expires_at >= first.expires_at
+    assert other.pair.id != first.pair.id
