@@ -185,6 +185,14 @@ MUTANTS = [
         "a resumed round draws other pairs and steps than the uninterrupted one",
     ),
     Mutant(
+        "resume-without-cache-replay",
+        "trainer/rounds.py",
+        "            self._replay_reference(examples, round_id, start_step, schedule, cache)",
+        "            pass",
+        ROUND,
+        "a resumed round starts with an empty reference cache: its steps drift from the uninterrupted round's",
+    ),
+    Mutant(
         "resume-drops-optimizer",
         "trainer/rounds.py",
         '        optimizer.load_state_dict(ckpt["optimizer"])',

@@ -147,6 +147,10 @@ class RoundMetrics:
         return out
 
 
+# Prompts per text-encoder call when a round encodes its prompts (bounds the encoder's activations).
+_ENCODE_BATCH = 64
+
+
 def _concat(parts: list[Conditioning]) -> Conditioning:
     def cat(ds: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
         first = ds[0]
@@ -167,7 +171,7 @@ class RoundExamples:
     - `trajectories`: every trajectory of the round, decoded once, when their float16 latents fit the
       limit (SD 1.5 at 512 px, 50 steps: 1.6 MiB each); empty beyond it, and `batch` reads from `blobs`.
     - `cond`: one conditioning row per distinct prompt, encoded once (SD 1.5: 2 x 77 x 768 values per
-      prompt, 473 KiB in float32); a batch indexes it instead of running the text encoder.
+      prompt, 462 KiB in float32); a batch indexes it instead of running the text encoder.
     """
 
     pairs: list[PreferencePair]
@@ -194,11 +198,9 @@ class RoundExamples:
                 if tid not in trajectories:
                     trajectories[tid] = _checked(_read(blobs, key), key, first.settings)
         prompts = sorted({p.prompt for p in pairs})
+        chunks = range(0, len(prompts), _ENCODE_BATCH)
         cond = _concat(
-            [
-                encode_prompts(policy.pipe, prompts[i : i + 64], first.settings)
-                for i in range(0, len(prompts), 64)
-            ]
+            [encode_prompts(policy.pipe, prompts[i : i + _ENCODE_BATCH], first.settings) for i in chunks]
         )
         return cls(pairs, first.settings, blobs, trajectories, cond, {p: i for i, p in enumerate(prompts)})
 

@@ -196,7 +196,7 @@ def _step_mean(
     )
 
 
-def reference_step_means(
+def _reference_step_means(
     policy: Policy,
     rows: _StepRows,
     cond: Conditioning,
@@ -245,11 +245,11 @@ def step_log_ratios(
 ) -> Tensor:
     """log pi_theta - log pi_ref of z_{i+1} given z_i for rows (z_i, z_{i+1}, i). Returns (rows,).
 
-    `reference_cache` and `keys` (one (trajectory id, step) per row): see `reference_step_means`."""
+    `reference_cache` and `keys` (one (trajectory id, step) per row): see `_reference_step_means`."""
     rows = _StepRows.of(policy, latents, step_idx, schedule)
     next_latents = next_latents.to(rows.latents.device, torch.float32)
     mean_policy, std = _step_mean(policy, rows, cond, schedule, settings)
-    mean_ref = reference_step_means(policy, rows, cond, schedule, settings, cache=reference_cache, keys=keys)
+    mean_ref = _reference_step_means(policy, rows, cond, schedule, settings, cache=reference_cache, keys=keys)
     return gaussian_log_ratio(next_latents, mean_policy, mean_ref, std, reduction=settings.reduction)
 
 
@@ -325,7 +325,7 @@ def warm_reference_cache(
     if r.keys is None:
         raise ValueError("a reference cache needs the batch's trajectory ids (PairBatch ids_w and ids_l)")
     rows = _StepRows.of(policy, r.z, r.steps, schedule)
-    reference_step_means(policy, rows, r.cond, schedule, batch.settings, cache=cache, keys=r.keys)
+    _reference_step_means(policy, rows, r.cond, schedule, batch.settings, cache=cache, keys=r.keys)
 
 
 def draw_step_indices(
