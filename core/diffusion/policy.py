@@ -120,7 +120,8 @@ class Policy:
     def fuse(self) -> None:
         """Sample with the adapter fused from now on; every later swap re-fuses. Idempotent.
 
-        Costs one float32 buffer per adapted layer, the size of its weight.
+        Costs one buffer per adapted layer, the size and dtype of its weight. Call it once the
+        pipeline is on its device: W0 and the buffers stay where they were made.
         """
         if self._fused is not None:
             return
