@@ -54,6 +54,8 @@ STEP = [
     "tests/core/diffusion/test_policy.py",
 ]
 ROUND = [
+    "tests/trainer/test_round_pairs.py",
+    "tests/trainer/test_round_examples.py",
     "tests/core/db/test_training.py",
     "tests/worker/test_round_direction.py",
     "tests/worker/test_loop.py",
