@@ -116,48 +116,43 @@ def serve_rounds(
     standby_logged = False
     try:
         while not stop.is_set():
-            if not lock.try_acquire():
-                if not standby_logged:
-                    logger.info("another trainer holds the trainer lock; standing by")
-                    standby_logged = True
-                heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
+            try:
+                if not lock.try_acquire():
+                    if not standby_logged:
+                        logger.info("another trainer holds the trainer lock; standing by")
+                        standby_logged = True
+                    heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
+                    stop.wait(poll_seconds)
+                    continue
+                standby_logged = False
+                heartbeat.set(
+                    "checking", "a round to resume, or enough new labels", version=trainer.current_version
+                )
+                version = trainer.run_once()
+            except RoundAlreadyFinished as exc:
+                logger.warning("%s", exc)
+                continue
+            except (OperationalError, NoCurrentPolicy) as exc:
+                # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
+                # checkpoint), so wait and try again instead of dying. No current version: wait for one.
+                reason = "database unavailable" if isinstance(exc, OperationalError) else str(exc)
+                logger.warning("%s, retrying in %.0fs: %s", reason, poll_seconds, exc)
+                heartbeat.set("waiting", reason, version=trainer.current_version)
                 stop.wait(poll_seconds)
                 continue
-            standby_logged = False
-            heartbeat.set(
-                "checking", "a round to resume, or enough new labels", version=trainer.current_version
-            )
-            version, wait_reason = _one_round(trainer)
             if version is not None:
                 trainer.current_version = version
-            if once and wait_reason is None:
+            if once:
                 print(
                     f"published version {version}" if version is not None else "not enough decided pairs yet"
                 )
                 return
             if version is None and not stop.is_set():
-                reason = wait_reason or trainer.waiting_reason or "waiting for new decided pairs"
+                reason = trainer.waiting_reason or "waiting for new decided pairs"
                 heartbeat.set("waiting", reason, version=trainer.current_version)
                 stop.wait(poll_seconds)
     finally:
         lock.release()
-
-
-def _one_round(trainer: Trainer) -> tuple[int | None, str | None]:
-    """(the version published, or None; why it must retry later, or None when it may go on)."""
-    try:
-        return trainer.run_once(), None
-    except RoundAlreadyFinished as exc:
-        logger.warning("%s", exc)
-        return None, ""
-    except OperationalError as exc:
-        # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
-        # checkpoint), so wait and try again instead of dying.
-        logger.warning("database unavailable, retrying: %s", exc)
-        return None, "database unavailable"
-    except NoCurrentPolicy as exc:
-        logger.warning("%s", exc)
-        return None, str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
