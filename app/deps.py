@@ -1,5 +1,10 @@
 """Dependencies shared by routes: settings, database session, blob store, the current labeller.
 
+They are `async def` so that FastAPI runs them on the event loop: a plain `def` dependency costs a
+hop to the thread pool and back (with a sync generator, two), which was most of a request's CPU.
+Only work that may wait on the database goes to the thread pool: closing a session that still holds
+a connection, and looking up a labeller the cache does not have. Routes stay plain `def`.
+
 The current labeller's row comes from a small in-process cache (`LabellerCache`, one per app, by
 token hash and by id) for TOKEN_CACHE_SECONDS, so an annotator's requests do not each spend a
 database round trip on authentication. A change to a labeller's row made in this process
@@ -14,12 +19,13 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from core.db.labellers import CHANGED_LABELLERS, hash_token, labeller_by_token
 from core.db.models import Labeller
@@ -121,21 +127,35 @@ def labeller_cache(request: Request) -> LabellerCache:
     return cache
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session per request; whatever a route did not commit is rolled back."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session per request; whatever a route did not commit is rolled back.
+
+    Making the session sends nothing to the database; closing it does only while it still holds a
+    connection (a transaction the route did not commit), and then runs in the thread pool.
+    """
     session: Session = request.app.state.session_factory()
     try:
         yield session
     finally:
-        session.close()
+        if _holds_connection(session):
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_blob_store(request: Request) -> BlobStore:
+def _holds_connection(session: Session) -> bool:
+    try:
+        return bool(session.in_transaction())
+    except Exception:  # a stand-in session (tests) or one already broken: close it off the loop
+        return True
+
+
+async def get_blob_store(request: Request) -> BlobStore:
     store: BlobStore = request.app.state.blob_store
     return store
 
@@ -178,12 +198,20 @@ def cookie_labeller(request: Request, session: Session) -> Labeller | None:
     if labeller_id is None:
         return None
     cache = labeller_cache(request)
-    labeller = cache.by_id(int(labeller_id))
-    if labeller is None:
-        generation = cache.generation
-        labeller = session.get(Labeller, int(labeller_id))
-        if labeller is not None:
-            cache.put(labeller, generation)
+    labeller = cache.by_id(int(labeller_id)) or _load_labeller(cache, session, int(labeller_id))
+    return _session_holder(request, labeller)
+
+
+def _load_labeller(cache: LabellerCache, session: Session, labeller_id: int) -> Labeller | None:
+    generation = cache.generation
+    labeller = session.get(Labeller, labeller_id)
+    if labeller is not None:
+        cache.put(labeller, generation)
+    return labeller
+
+
+def _session_holder(request: Request, labeller: Labeller | None) -> Labeller | None:
+    """`labeller` if the cookie may act for them (active, same session epoch); else drop the cookie's data."""
     if labeller is None or not labeller.active or request.session.get("epoch") != labeller.session_epoch:
         request.session.clear()
         return None
@@ -198,34 +226,38 @@ def log_in(request: Request, labeller: Labeller) -> None:
     csrf_token(request)
 
 
-def _labeller_by_token(request: Request, session: Session, token: str) -> Labeller | None:
-    cache = labeller_cache(request)
-    token_hash = hash_token(token)
-    labeller = cache.by_token(token_hash)
-    if labeller is None:
-        generation = cache.generation
-        labeller = labeller_by_token(session=session, token=token)
-        if labeller is not None:
-            cache.put(labeller, generation, token_hash)
+def _load_by_token(cache: LabellerCache, session: Session, token: str, token_hash: str) -> Labeller | None:
+    generation = cache.generation
+    labeller = labeller_by_token(session=session, token=token)
+    if labeller is not None:
+        cache.put(labeller, generation, token_hash)
     return labeller
 
 
-def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
+async def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
     """The labeller behind a bearer token, or behind the session cookie (with CSRF on writes)."""
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("Authorization header must be 'Bearer <token>'")
-        labeller = _labeller_by_token(request, session, token.strip())
+        cache, token_hash = labeller_cache(request), hash_token(token.strip())
+        labeller = cache.by_token(token_hash) or await run_in_threadpool(
+            _load_by_token, cache, session, token.strip(), token_hash
+        )
         if labeller is None:
             raise _unauthorized(
                 "bearer token is unknown or its labeller is deactivated; ask an admin for a new one"
             )
         return labeller
-    if request.session.get("labeller_id") is None:
+    labeller_id = request.session.get("labeller_id")
+    if labeller_id is None:
         raise _unauthorized("not authenticated: send 'Authorization: Bearer <token>' or log in")
-    labeller = cookie_labeller(request, session)
+    cache = labeller_cache(request)
+    cached = cache.by_id(int(labeller_id))
+    labeller = _session_holder(
+        request, cached or await run_in_threadpool(_load_labeller, cache, session, int(labeller_id))
+    )
     if labeller is None:
         raise _unauthorized(
             "this session has ended (logged out, or the account was deactivated); log in again at /login"
@@ -238,7 +270,7 @@ def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
 CurrentLabeller = Annotated[Labeller, Depends(get_current_labeller)]
 
 
-def get_admin(labeller: CurrentLabeller) -> Labeller:
+async def get_admin(labeller: CurrentLabeller) -> Labeller:
     if labeller.role != "admin":
         raise HTTPException(
             status_code=403, detail=f"labeller {labeller.name!r} is not an admin; this needs admin rights"

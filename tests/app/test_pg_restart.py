@@ -297,8 +297,9 @@ def test_postgres_restart_mid_labelling_answers_503_and_loses_no_acknowledged_ju
 def test_restart_while_idle_is_invisible_to_the_next_request(
     private_postgres: PrivateCluster, tmp_path: Path
 ) -> None:
-    """The pool's connections die with the restart; pool_pre_ping replaces them before use, so the
-    first request afterwards succeeds instead of meeting a dead connection (a 503)."""
+    """The pool's connections die with the restart; the engine's checkout check (no pre-ping: it
+    reads the server's goodbye off the idle socket) replaces them before use, so the first request
+    afterwards succeeds instead of meeting a dead connection (a 503)."""
     url = private_postgres.url("densealign")
     token = seed(url)[0]
     engine = make_engine(url)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from core.db.engine import make_engine, make_session_factory
@@ -236,3 +236,54 @@ def test_two_admins_deactivating_each_other_leave_one_admin(committed_engine: En
     with sessions() as check:
         rows = check.execute(select(Labeller.name, Labeller.active).order_by(Labeller.name)).all()
     assert [tuple(row) for row in rows] == [("ada", True), ("bea", False)]
+
+
+# -- the labeller cache (app.deps.LabellerCache) ---------------------------------------------------
+
+
+def test_a_cached_token_stops_at_once_when_this_process_deactivates_or_demotes(
+    app: FastAPI, as_labeller: Callable[..., tuple[TestClient, Labeller]]
+) -> None:
+    admin_api, _ = as_labeller("admin", name="boss")
+    other_admin, other = as_labeller("admin", name="deputy")
+    annotator, annotator_row = as_labeller(name="ann")
+    # Both tokens have been seen, so both rows are cached now.
+    assert annotator.get("/api/v1/me").json()["name"] == "ann"
+    assert other_admin.get("/api/v1/labellers").status_code == 200
+
+    assert admin_api.patch(f"/api/v1/labellers/{annotator_row.id}", json={"active": False}).status_code == 200
+    assert annotator.get("/api/v1/me").status_code == 401
+    assert admin_api.patch(f"/api/v1/labellers/{other.id}", json={"role": "annotator"}).status_code == 200
+    assert other_admin.get("/api/v1/labellers").status_code == 403
+    assert other_admin.get("/api/v1/me").json()["role"] == "annotator"
+
+
+def test_a_change_made_by_another_process_shows_within_the_cache_ttl(
+    app: FastAPI, session: Session, as_labeller: Callable[..., tuple[TestClient, Labeller]]
+) -> None:
+    from app.deps import TOKEN_CACHE_SECONDS, LabellerCache
+
+    now = [0.0]
+    app.state.labeller_cache = LabellerCache(clock=lambda: now[0])
+    api, labeller = as_labeller(name="far")
+    assert api.get("/api/v1/me").status_code == 200
+    # Another process (the CLI, another uvicorn worker) deactivates: nothing here hears of it.
+    session.execute(update(Labeller).where(Labeller.id == labeller.id).values(active=False))
+    session.commit()
+    now[0] += TOKEN_CACHE_SECONDS - 0.5
+    assert api.get("/api/v1/me").status_code == 200  # the cached row, at most TOKEN_CACHE_SECONDS old
+    now[0] += 1.0
+    assert api.get("/api/v1/me").status_code == 401
+
+
+def test_a_row_read_before_a_change_is_not_cached_after_it() -> None:
+    from app.deps import LabellerCache
+
+    cache = LabellerCache(clock=lambda: 0.0)
+    row = Labeller(id=7, name="raced", role="admin", active=True, token_hash="h", session_epoch=0)
+    generation = cache.generation  # a request starts reading the row...
+    cache.forget([7])  # ...a demotion commits meanwhile...
+    cache.put(row, generation, "h")  # ...and the stale row it read is not kept
+    assert cache.by_token("h") is None and cache.by_id(7) is None
+    cache.put(row, cache.generation, "h")
+    assert cache.by_token("h") is not None and cache.by_token("h") is not cache.by_token("h")  # copies
