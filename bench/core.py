@@ -52,14 +52,14 @@ from core.diffusion.models import clip_tokenizer, load_pipeline, sd_scheduler  #
 from core.diffusion.policy import LoraSettings, Policy  # noqa: E402
 from core.diffusion.sampler import SamplerSettings, Trajectory, sample_trajectories  # noqa: E402
 from core.diffusion.training import (  # noqa: E402
-    DpoHyperparameters,
     PairBatch,
     ReferenceCache,
     make_optimizer,
     train_step,
 )
+from core.settings import DpoConfig  # noqa: E402
 from core.storage import LocalBlobStore  # noqa: E402
-from trainer.rounds import RoundConfig, RoundExamples, Trainer  # noqa: E402
+from trainer.rounds import RoundExamples, Trainer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHIPPED = ROOT / "models" / "densealign-shapes"
@@ -268,8 +268,9 @@ def bench_round(
     args: argparse.Namespace, policies: dict[str, Policy], settings: SamplerSettings, device: torch.device
 ) -> dict[str, Any]:
     """Consecutive steps of one round, before (no caches) and after (the trainer's path), alternating."""
-    hp = DpoHyperparameters(num_sampled_steps=args.sampled_steps)
-    config = RoundConfig(hp=hp, pairs_per_step=args.pairs_per_step, steps_per_round=args.round_steps)
+    config = hp = DpoConfig(
+        sampled_steps=args.sampled_steps, pairs_per_step=args.pairs_per_step, steps_per_round=args.round_steps
+    )
     with tempfile.TemporaryDirectory() as tmp:
         blobs = CountingBlobs(tmp)
         pairs = round_pairs(policies["before"].pipe, blobs, settings, args.round_pairs)
@@ -329,7 +330,7 @@ def round_summary(
     steps: list[dict[str, Any]],
     memory: dict[str, dict[str, float]],
     cache: ReferenceCache,
-    config: RoundConfig,
+    config: DpoConfig,
     setup_wall: float,
     setup_cpu: float,
     num_pairs: int,
@@ -345,7 +346,7 @@ def round_summary(
     return {
         "round_pairs": num_pairs,
         "pairs_per_step": config.pairs_per_step,
-        "sampled_steps": config.hp.num_sampled_steps,
+        "sampled_steps": config.sampled_steps,
         "steps": len(steps),
         "per_step": per_step,
         "cpu_speedup": per_step["before"]["median_cpu_s"] / per_step["after"]["median_cpu_s"],

@@ -59,7 +59,8 @@ class SamplerConfig(BaseModel):
 
 
 class DpoConfig(BaseModel):
-    """Discounted dense-reward DPO (METHOD.md); defaults are the paper's single-prompt column."""
+    """Discounted dense-reward DPO (METHOD.md); defaults are the paper's single-prompt column. The
+    trainer's rounds and `core.diffusion.training.train_step` use this object as it is."""
 
     beta: float = Field(default=10.0, gt=0, description="beta multiplying the weighted clipped log-ratios.")
     gamma: float = Field(
@@ -69,6 +70,11 @@ class DpoConfig(BaseModel):
         default=1e-4, gt=0, description="Clip eps on each step log-ratio (mean-reduced units)."
     )
     sampled_steps: int = Field(default=3, ge=1, description="Steps M drawn per trajectory from the weights.")
+    exact: bool = Field(
+        default=False,
+        description="Evaluate all N steps of each trajectory with the exact weighted loss instead of "
+        "sampling M (N / M times the compute; for checks, not production).",
+    )
     lr: float = Field(default=3e-5, gt=0, description="AdamW learning rate for the LoRA weights.")
     weight_decay: float = Field(default=2e-3, ge=0, description="AdamW decoupled weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip over the LoRA weights.")
@@ -89,6 +95,19 @@ class DpoConfig(BaseModel):
         default=5.0, gt=0, description="How often the idle trainer checks for labels."
     )
     seed: int = Field(default=0, description="Seed of the step-index and pair sampling in training.")
+    max_round_trajectories_mb: float = Field(
+        default=1024.0,
+        ge=0,
+        description="MiB a round's trajectories may take in the trainer's memory, read once for the round "
+        "(SD 1.5 at 512 px and 50 steps: 1.6 MiB each, 204 MiB for 64 pairs); a larger round reads each "
+        "step's pairs from the blob store.",
+    )
+    reference_cache_mb: float = Field(
+        default=512.0,
+        ge=0,
+        description="MiB of the frozen reference model's step means kept across a round's optimizer steps "
+        "(least recently used dropped first; SD 1.5 at 512 px: 64 KiB per trajectory step); 0 keeps none.",
+    )
 
 
 class PoolConfig(BaseModel):

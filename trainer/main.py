@@ -24,11 +24,10 @@ from core.db.locks import AdvisoryLock
 from core.db.sampler_groups import configured_sampler
 from core.diffusion.models import ModelNotFoundError
 from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_config
-from core.diffusion.training import DpoHyperparameters
 from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
 from core.storage import LocalBlobStore
-from trainer.rounds import RoundAlreadyFinished, RoundConfig, Trainer
+from trainer.rounds import RoundAlreadyFinished, Trainer
 
 logger = logging.getLogger("densealign.trainer")
 
@@ -40,31 +39,13 @@ def build_trainer(
     evaluate: Callable[[Policy], dict[str, Any]] | None = None,
 ) -> Trainer:
     """The trainer the settings describe: base model and adapter, database, blob store, round config."""
-    d = settings.dpo
-    hp = DpoHyperparameters(
-        beta=d.beta,
-        gamma=d.gamma,
-        clip=d.clip,
-        num_sampled_steps=d.sampled_steps,
-        max_grad_norm=d.max_grad_norm,
-    )
     return Trainer(
         policy=policy_from_config(settings.model),
         sessions=make_session_factory(make_engine(settings.database_url)),
         blobs=LocalBlobStore(settings.blob_dir),
-        config=RoundConfig(
-            hp=hp,
-            lr=d.lr,
-            weight_decay=d.weight_decay,
-            pairs_per_step=d.pairs_per_step,
-            steps_per_round=d.steps_per_round,
-            min_new_pairs=d.min_new_pairs,
-            max_version_lag=d.max_version_lag,
-            checkpoint_every=d.checkpoint_every,
-            seed=d.seed,
-            # Rounds train on pairs sampled as workers with these settings sample now.
-            sampler=configured_sampler(settings.sampler),
-        ),
+        config=settings.dpo,
+        # Rounds train on pairs sampled as workers with these settings sample now.
+        sampler=configured_sampler(settings.sampler),
         on_publish=on_publish,
         progress=progress,
         evaluate=evaluate,

@@ -57,7 +57,6 @@ from core.diffusion.ddim import DdimSchedule, ddim_schedule
 from core.diffusion.policy import WEIGHT_NAME, Policy
 from core.diffusion.sampler import Conditioning, SamplerSettings, Trajectory, encode_prompts
 from core.diffusion.training import (
-    DpoHyperparameters,
     PairBatch,
     ReferenceCache,
     draw_step_indices,
@@ -65,6 +64,7 @@ from core.diffusion.training import (
     train_step,
     warm_reference_cache,
 )
+from core.settings import DpoConfig
 from core.storage import BlobNotFound, BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
@@ -73,29 +73,6 @@ logger = logging.getLogger(__name__)
 class RoundAlreadyFinished(RuntimeError):
     def __init__(self, round_id: int) -> None:
         super().__init__(f"training round {round_id} was finished by another trainer; nothing published")
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    hp: DpoHyperparameters
-    lr: float = 3e-5
-    weight_decay: float = 2e-3
-    pairs_per_step: int = 4
-    steps_per_round: int = 100
-    min_new_pairs: int = 32
-    max_version_lag: int = 2
-    checkpoint_every: int = 20
-    seed: int = 0
-    # The sampler record workers write now (`configured_sampler(...)`): a new round trains only on pairs
-    # drawn with settings it accepts; pairs at other settings wait, reported. None = the newest pair's.
-    sampler: dict[str, Any] | None = None
-    # MiB the round's trajectories may take in memory, read once for the whole round (float16 latents;
-    # SD 1.5 at 512 px and 50 steps: (51, 4, 64, 64) x 2 B = 1.6 MiB each, 204 MiB for 64 pairs). A round
-    # beyond it reads each step's pairs from the blob store instead.
-    max_round_trajectories_mb: float = 1024.0
-    # MiB of reference step means kept across the round's steps (`ReferenceCache`, least recently used
-    # dropped first; SD 1.5 at 512 px: 64 KiB per (trajectory, step) row); 0 keeps nothing.
-    reference_cache_mb: float = 512.0
 
 
 @dataclass
@@ -248,7 +225,11 @@ class Trainer:
     policy: Policy
     sessions: sessionmaker[Session]
     blobs: BlobStore
-    config: RoundConfig
+    # Settings.dpo as it is: the loss, the optimizer, the round's size and pace, its memory limits.
+    config: DpoConfig
+    # The sampler record workers write now (`configured_sampler(...)`): a new round trains only on pairs
+    # drawn with settings it accepts; pairs at other settings wait, reported. None = the newest pair's.
+    sampler: dict[str, Any] | None = None
     on_publish: Callable[[int], None] | None = None
     progress: Callable[[int, int], None] | None = None
     # Scores the trained policy before publishing (e.g. a judge on held-out seeds); merged into metrics.
@@ -275,7 +256,7 @@ class Trainer:
             if round_ is None:
                 current = self.current_version = get_current_policy(session=session).version
                 groups = fresh_pair_groups(
-                    session=session, min_version=max(0, current - cfg.max_version_lag), sampler=cfg.sampler
+                    session=session, min_version=max(0, current - cfg.max_version_lag), sampler=self.sampler
                 )
                 if len(groups.usable) < cfg.min_new_pairs:
                     # Said at every check while pairs at other settings wait, so the log shows why nothing
@@ -373,7 +354,7 @@ class Trainer:
         on the same draws (a third of a step's UNet work or less; no policy pass, no backward)."""
         for step in range(steps):
             gen, idx = self._draw(round_id, step, len(examples))
-            step_idx = draw_step_indices(self.config.hp, schedule.num_steps, len(idx), gen)
+            step_idx = draw_step_indices(self.config, schedule.num_steps, len(idx), gen)
             warm_reference_cache(self.policy, examples.batch(idx), step_idx, schedule, cache)
 
     def _start_state(self, base_version: int) -> torch.optim.Optimizer:
@@ -411,7 +392,7 @@ class Trainer:
         for step in range(start_step, cfg.steps_per_round):
             gen, idx = self._draw(round_id, step, len(examples))
             batch = self._batch(examples, idx)
-            metrics.add(train_step(self.policy, optimizer, batch, cfg.hp, schedule, gen, cache), cfg.hp.clip)
+            metrics.add(train_step(self.policy, optimizer, batch, cfg, schedule, gen, cache), cfg.clip)
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
             if self.should_stop is not None and self.should_stop() and step + 1 < cfg.steps_per_round:
@@ -436,10 +417,10 @@ class Trainer:
             "pairs_used": len(examples),
             "labels_used": sum(p.votes for p in examples.pairs),
             "round_seconds": time.perf_counter() - started,
-            "gamma": cfg.hp.gamma,
-            "beta": cfg.hp.beta,
-            "clip": cfg.hp.clip,
-            "sampled_steps": cfg.hp.num_sampled_steps,
+            "gamma": cfg.gamma,
+            "beta": cfg.beta,
+            "clip": cfg.clip,
+            "sampled_steps": cfg.sampled_steps,
             "reference_cache_hit_rate": cache.hit_rate(),
         }
         if self.evaluate is not None:

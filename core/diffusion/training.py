@@ -27,7 +27,6 @@ from torch import Tensor
 
 from core.diffusion.ddim import DdimSchedule, ddim_step_mean, gaussian_log_ratio
 from core.diffusion.loss import (
-    check_dpo_hyperparameters,
     dense_dpo_loss,
     dense_dpo_loss_exact,
     discount_weights,
@@ -36,33 +35,7 @@ from core.diffusion.loss import (
 )
 from core.diffusion.policy import Policy
 from core.diffusion.sampler import Conditioning, SamplerSettings, encode_prompts, guided_noise
-
-
-@dataclass(frozen=True)
-class DpoHyperparameters:
-    """The loss and optimizer settings of one step; defaults are the paper's single-prompt column."""
-
-    # Inverse temperature beta multiplying the clipped, weighted log-ratios; paper 10 (many prompts 12.5).
-    beta: float = 10.0
-    # Discount gamma in (0, 1]: weight gamma^i on step i (i = 0 noisiest); 1.0 = trajectory-level DPO.
-    gamma: float = 0.9
-    # Clip eps on each step's log-ratio, in the units of the sampler's reduction (mean: paper 1e-4).
-    clip: float = 1e-4
-    # Steps M drawn per trajectory from Categorical(weights); paper 3 (many prompts 1).
-    num_sampled_steps: int = 3
-    # Evaluate all N steps with the exact weighted loss instead of sampling M.
-    exact: bool = False
-    # Gradient-norm clip over the LoRA parameters; paper 1.0 (many prompts 0.05).
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_dpo_hyperparameters(gamma=self.gamma, beta=self.beta, clip=self.clip)
-        if self.num_sampled_steps < 1:
-            raise ValueError(
-                f"num_sampled_steps (M) must be >= 1 (paper: 1 or 3), got {self.num_sampled_steps}"
-            )
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (paper: 1.0 or 0.05), got {self.max_grad_norm}")
+from core.settings import DpoConfig
 
 
 @dataclass
@@ -329,20 +302,20 @@ def warm_reference_cache(
 
 
 def draw_step_indices(
-    hp: DpoHyperparameters, num_steps: int, pairs: int, generator: torch.Generator | None = None
+    hp: DpoConfig, num_steps: int, pairs: int, generator: torch.Generator | None = None
 ) -> Tensor:
     """The (B, M) step indices a step evaluates: M draws from the discount weights, or all N if exact."""
     if hp.exact:
         return torch.arange(num_steps).expand(pairs, num_steps)
     weights = discount_weights(num_steps, hp.gamma)
-    return sample_step_indices(weights, pairs, hp.num_sampled_steps, generator=generator)
+    return sample_step_indices(weights, pairs, hp.sampled_steps, generator=generator)
 
 
 def train_step(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
     batch: PairBatch,
-    hp: DpoHyperparameters,
+    hp: DpoConfig,
     schedule: DdimSchedule,
     generator: torch.Generator | None = None,
     reference_cache: ReferenceCache | None = None,
@@ -375,7 +348,7 @@ def train_step(
 
 
 def _metrics(
-    hp: DpoHyperparameters,
+    hp: DpoConfig,
     weights: Tensor,
     step_idx: Tensor,
     logratio_w: Tensor,

@@ -15,7 +15,8 @@ from core.diffusion.ddim import ddim_schedule
 from core.diffusion.models import load_pipeline
 from core.diffusion.policy import LoraSettings, Policy
 from core.diffusion.sampler import SamplerSettings, Trajectory, encode_prompts, sample_trajectories
-from core.diffusion.training import DpoHyperparameters, ReferenceCache, make_optimizer, train_step
+from core.diffusion.training import ReferenceCache, make_optimizer, train_step
+from core.settings import DpoConfig
 from core.storage import LocalBlobStore
 from trainer.rounds import RoundExamples
 
@@ -77,7 +78,7 @@ def test_a_round_reads_each_trajectory_once_and_encodes_each_prompt_once(round_p
             policy,
             optimizer,
             batch,
-            DpoHyperparameters(),
+            DpoConfig(),
             schedule,
             torch.Generator().manual_seed(step),
             cache,

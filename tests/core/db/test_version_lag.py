@@ -18,8 +18,8 @@ from core.db.assignment import next_pair
 from core.db.judgements import record_judgement
 from core.db.models import Labeller, Pair, TrainingRound, TrainingRoundPair
 from core.db.policies import publish_policy_version
-from core.diffusion.training import DpoHyperparameters
-from trainer.rounds import RoundConfig, Trainer
+from core.settings import DpoConfig
+from trainer.rounds import Trainer
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def run_once(session: Session, monkeypatch: pytest.MonkeyPatch, *, lag: int, min
         policy=None,  # type: ignore[arg-type]
         sessions=sessionmaker(bind=session.connection(), join_transaction_mode="create_savepoint"),
         blobs=None,  # type: ignore[arg-type]
-        config=RoundConfig(hp=DpoHyperparameters(), max_version_lag=lag, min_new_pairs=min_new_pairs),
+        config=DpoConfig(max_version_lag=lag, min_new_pairs=min_new_pairs),
     )
     return trainer.run_once(), trained
 

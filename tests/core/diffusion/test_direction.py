@@ -18,7 +18,8 @@ from core.diffusion.loss import implicit_scores
 from core.diffusion.models import Pipeline
 from core.diffusion.policy import LoraSettings, Policy
 from core.diffusion.sampler import SamplerSettings, encode_prompts, sample_trajectories
-from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, step_log_ratios, train_step
+from core.diffusion.training import PairBatch, make_optimizer, step_log_ratios, train_step
+from core.settings import DpoConfig
 
 PROMPTS = ["a red circle above a blue square", "a photo of a cat"]
 # 16 px images (8x8 latents) keep each test to a few seconds of CPU; 4 DDIM steps.
@@ -43,7 +44,7 @@ def trajectory_log_ratios(
 
 
 def train_and_measure(
-    make_pipe: Callable[..., Pipeline], hp: DpoHyperparameters, steps: int
+    make_pipe: Callable[..., Pipeline], hp: DpoConfig, steps: int
 ) -> tuple[list[float], torch.Tensor, torch.Tensor]:
     """Each step's implicit accuracy, and the winners' and losers' log-ratios at every step after them."""
     settings = SETTINGS
@@ -69,7 +70,7 @@ def train_and_measure(
 
 
 def test_sampled_steps_raise_the_winners_score_over_the_losers(make_pipe):
-    hp = DpoHyperparameters(beta=10.0, clip=1.0, num_sampled_steps=2, max_grad_norm=1.0)
+    hp = DpoConfig(beta=10.0, clip=1.0, sampled_steps=2, max_grad_norm=1.0)
     accuracy, lw, ll = train_and_measure(make_pipe, hp, steps=3)
     # Step 1 sees log-ratios of exactly 0 (no pair is ahead); from step 2 on every pair is.
     assert accuracy[0] == 0.0 and accuracy[1:] == [1.0, 1.0]
@@ -82,7 +83,7 @@ def test_sampled_steps_raise_the_winners_score_over_the_losers(make_pipe):
 
 
 def test_exact_steps_raise_the_winners_weighted_score_over_the_losers(make_pipe):
-    hp = DpoHyperparameters(beta=10.0, gamma=0.9, clip=1.0, exact=True, max_grad_norm=1.0)
+    hp = DpoConfig(beta=10.0, gamma=0.9, clip=1.0, exact=True, max_grad_norm=1.0)
     accuracy, lw, ll = train_and_measure(make_pipe, hp, steps=2)
     assert accuracy == [0.0, 1.0]
     weights = torch.tensor([0.9**i for i in range(SETTINGS.num_steps)])

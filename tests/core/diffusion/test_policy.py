@@ -5,7 +5,8 @@ import torch
 from core.diffusion.ddim import ddim_schedule
 from core.diffusion.policy import WEIGHT_NAME, AdapterMismatchError, LoraSettings, Policy
 from core.diffusion.sampler import encode_prompts, sample_trajectories
-from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, pair_log_ratios, train_step
+from core.diffusion.training import PairBatch, make_optimizer, pair_log_ratios, train_step
+from core.settings import DpoConfig
 
 
 def _pairs(pipe, settings):
@@ -21,7 +22,7 @@ def _train(policy, settings, steps=2):
     pairs = _pairs(policy.pipe, settings)
     schedule = ddim_schedule(policy.pipe.scheduler, settings.num_steps)
     opt = make_optimizer(policy, lr=1e-2)
-    hp = DpoHyperparameters(num_sampled_steps=2, clip=1.0)
+    hp = DpoConfig(sampled_steps=2, clip=1.0)
     metrics = [
         train_step(policy, opt, pairs, hp, schedule, torch.Generator().manual_seed(0)) for _ in range(steps)
     ]
@@ -123,11 +124,11 @@ def test_hot_swap_refuses_a_mismatched_or_corrupt_adapter(make_pipe, settings, t
 
 
 def test_bad_hyperparameters_name_the_value():
-    with pytest.raises(ValueError, match="gamma must be in"):
-        DpoHyperparameters(gamma=0.0)
-    with pytest.raises(ValueError, match="beta must be > 0"):
-        DpoHyperparameters(beta=-1.0)
-    with pytest.raises(ValueError, match="num_sampled_steps"):
-        DpoHyperparameters(num_sampled_steps=0)
+    with pytest.raises(ValueError, match=r"gamma\n  Input should be greater than 0"):
+        DpoConfig(gamma=0.0)
+    with pytest.raises(ValueError, match=r"beta\n  Input should be greater than 0"):
+        DpoConfig(beta=-1.0)
+    with pytest.raises(ValueError, match=r"sampled_steps\n  Input should be greater than or equal to 1"):
+        DpoConfig(sampled_steps=0)
     with pytest.raises(ValueError, match="LoRA rank must be >= 1"):
         LoraSettings(rank=0)

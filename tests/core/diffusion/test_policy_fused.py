@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from core.diffusion.ddim import ddim_schedule
 from core.diffusion.policy import ADAPTER, LoraSettings, Policy
 from core.diffusion.sampler import encode_prompts, sample_trajectories
-from core.diffusion.training import DpoHyperparameters, PairBatch, make_optimizer, train_step
+from core.diffusion.training import PairBatch, make_optimizer, train_step
+from core.settings import DpoConfig
 
 # Fused vs unfused images, in [0, 1]: 5x the worst measured (see the module docstring).
 FUSED_TOLERANCE = 1e-5
@@ -27,7 +28,7 @@ def _train(policy, settings, steps=3):
     pairs = PairBatch(["a cat"], batch.latents[:1].half(), batch.latents[1:].half(), settings)
     schedule = ddim_schedule(policy.pipe.scheduler, settings.num_steps)
     opt = make_optimizer(policy, lr=1e-2)
-    hp = DpoHyperparameters(num_sampled_steps=2, clip=1.0)
+    hp = DpoConfig(sampled_steps=2, clip=1.0)
     for _ in range(steps):
         train_step(policy, opt, pairs, hp, schedule, torch.Generator().manual_seed(0))
     return pairs, opt, hp, schedule

@@ -15,7 +15,8 @@ from core.diffusion.ddim import ddim_schedule
 from core.diffusion.models import Pipeline
 from core.diffusion.policy import LoraSettings, Policy
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
-from core.diffusion.training import DpoHyperparameters, PairBatch, ReferenceCache, make_optimizer, train_step
+from core.diffusion.training import PairBatch, ReferenceCache, make_optimizer, train_step
+from core.settings import DpoConfig
 
 SETTINGS = SamplerSettings(num_steps=4, guidance_scale=7.5, eta=1.0, height=16, width=16)
 PROMPTS = ["a red circle above a blue square", "a photo of a cat"]
@@ -62,7 +63,7 @@ def test_a_cached_step_equals_an_uncached_one(make_pipe: Callable[..., Pipeline]
     plain, batch = pairs_and_policy(make_pipe)
     cached, _ = pairs_and_policy(make_pipe, plain.lora_state())
     schedule = ddim_schedule(plain.pipe.scheduler, SETTINGS.num_steps)
-    hp = DpoHyperparameters(num_sampled_steps=3, clip=1.0)
+    hp = DpoConfig(sampled_steps=3, clip=1.0)
     opts = make_optimizer(plain, lr=1e-2), make_optimizer(cached, lr=1e-2)
     cache = ReferenceCache(max_bytes=2**20)
     for step in range(3):
@@ -84,7 +85,7 @@ def test_a_cached_step_equals_an_uncached_one(make_pipe: Callable[..., Pipeline]
 def test_rows_seen_before_run_no_reference_forward(make_pipe: Callable[..., Pipeline]) -> None:
     policy, batch = pairs_and_policy(make_pipe)
     schedule = ddim_schedule(policy.pipe.scheduler, SETTINGS.num_steps)
-    hp = DpoHyperparameters(exact=True, clip=1.0)  # every step of every trajectory: 2 x 2 x 4 = 16 rows
+    hp = DpoConfig(exact=True, clip=1.0)  # every step of every trajectory: 2 x 2 x 4 = 16 rows
     optimizer, cache = make_optimizer(policy, lr=1e-2), ReferenceCache(max_bytes=2**20)
     forwards = UnetForwards(policy)
     train_step(policy, optimizer, batch, hp, schedule, reference_cache=cache)
@@ -104,9 +105,7 @@ def test_the_cache_keeps_to_its_byte_cap(make_pipe: Callable[..., Pipeline]) -> 
     schedule = ddim_schedule(policy.pipe.scheduler, SETTINGS.num_steps)
     row_bytes = 4 * 8 * 8 * 4  # tiny SD's latents at 16 px: (4, 8, 8) float32
     cache = ReferenceCache(max_bytes=5 * row_bytes)
-    train_step(
-        policy, make_optimizer(policy), batch, DpoHyperparameters(exact=True), schedule, reference_cache=cache
-    )
+    train_step(policy, make_optimizer(policy), batch, DpoConfig(exact=True), schedule, reference_cache=cache)
     assert len(cache) == 5 and cache.nbytes == 5 * row_bytes and cache.evictions == 11
     # the rows kept are the last five the step computed (winners' rows come first, then the losers')
     kept = [(t, s) for t in (100, 101, 102, 103) for s in range(4) if (t, s) in cache]

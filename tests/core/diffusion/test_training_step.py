@@ -16,7 +16,8 @@ import torch
 
 from core.diffusion import training
 from core.diffusion.sampler import SamplerSettings
-from core.diffusion.training import DpoHyperparameters, PairBatch, StepMetrics, train_step
+from core.diffusion.training import PairBatch, StepMetrics, train_step
+from core.settings import DpoConfig
 from trainer.rounds import RoundMetrics
 
 # Three pairs, two sampled steps each. Pair 0: the winner is ahead; pair 1: the loser is ahead;
@@ -49,7 +50,7 @@ def batch_of(pairs: int, steps: int) -> PairBatch:
 
 
 def step(
-    monkeypatch: pytest.MonkeyPatch, stand_in: StandIn, hp: DpoHyperparameters, steps: int, lr: float = 1.0
+    monkeypatch: pytest.MonkeyPatch, stand_in: StandIn, hp: DpoConfig, steps: int, lr: float = 1.0
 ) -> StepMetrics:
     monkeypatch.setattr(training, "pair_log_ratios", stand_in.pair_log_ratios)
     optimizer = torch.optim.SGD(stand_in.lora_parameters(), lr=lr)
@@ -85,7 +86,7 @@ def sampled_by_hand(
 
 
 def test_sampled_step_reports_exact_loss_accuracy_logratio_and_clipped_share(monkeypatch):
-    hp = DpoHyperparameters(beta=2.0, clip=1.0, num_sampled_steps=2, max_grad_norm=100.0)
+    hp = DpoConfig(beta=2.0, clip=1.0, sampled_steps=2, max_grad_norm=100.0)
     stand_in = StandIn(W, L)
     metrics = step(monkeypatch, stand_in, hp, steps=5)
     margins, loss, gw, gl = sampled_by_hand(2.0, 1.0)
@@ -112,7 +113,7 @@ def test_sampled_step_reports_exact_loss_accuracy_logratio_and_clipped_share(mon
 
 
 def test_gradient_norm_is_clipped_to_max_grad_norm_and_reported_before_clipping(monkeypatch):
-    hp = DpoHyperparameters(beta=2.0, clip=1.0, num_sampled_steps=2, max_grad_norm=0.05)
+    hp = DpoConfig(beta=2.0, clip=1.0, sampled_steps=2, max_grad_norm=0.05)
     stand_in = StandIn(W, L)
     metrics = step(monkeypatch, stand_in, hp, steps=5)
     _, _, gw, gl = sampled_by_hand(2.0, 1.0)
@@ -137,7 +138,7 @@ def test_exact_step_evaluates_every_step_with_the_discount_weights(monkeypatch):
     n, beta, clip, gamma = 3, 4.0, 0.5, 0.5
     w_vals = [[0.2, 0.0, 0.0], [0.0, 0.0, 0.9], [0.6, -0.1, 0.0]]
     l_vals = [[0.0, 0.1, 0.0], [0.0, 0.0, -0.2], [0.0, 0.0, 0.0]]
-    hp = DpoHyperparameters(beta=beta, gamma=gamma, clip=clip, exact=True, max_grad_norm=100.0)
+    hp = DpoConfig(beta=beta, gamma=gamma, clip=clip, exact=True, max_grad_norm=100.0)
     stand_in = StandIn(w_vals, l_vals)
     metrics = step(monkeypatch, stand_in, hp, steps=n)
     weights = [gamma**i / sum(gamma**j for j in range(n)) for i in range(n)]  # 4/7, 2/7, 1/7
@@ -161,7 +162,7 @@ def test_exact_accuracy_counts_weighted_margins_not_the_unweighted_mean(monkeypa
     # The loser leads at the late steps; the weighted margin favours the winner, the plain mean doesn't.
     w_vals = [[0.3, 0.0, 0.0, 0.0]]
     l_vals = [[0.0, 0.2, 0.2, 0.2]]
-    hp = DpoHyperparameters(beta=1.0, gamma=0.3, clip=1.0, exact=True)
+    hp = DpoConfig(beta=1.0, gamma=0.3, clip=1.0, exact=True)
     metrics = step(monkeypatch, StandIn(w_vals, l_vals), hp, steps=4)
     assert metrics.implicit_accuracy == 1.0
 
