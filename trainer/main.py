@@ -18,7 +18,6 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from core.db import make_engine, make_session_factory
-from core.db.campaigns import AutoEvaluation
 from core.db.errors import NoCurrentPolicy
 from core.db.locks import AdvisoryLock
 from core.db.sampler_groups import configured_sampler
@@ -49,13 +48,7 @@ def build_trainer(
         on_publish=on_publish,
         progress=progress,
         evaluate=evaluate,
-        auto_evaluation=AutoEvaluation(
-            votes=settings.eval.auto_votes,
-            compare_with=settings.eval.compare_with,
-            judgements_per_pair=settings.eval.judgements_per_pair,
-            prompt_split=settings.eval.prompt_split,
-            promote_if_wins=settings.eval.promote_if_wins,
-        ),
+        auto_evaluation=settings.eval,
     )
 
 

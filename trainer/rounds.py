@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db.campaigns import AutoEvaluation, start_auto_campaign
+from core.db.campaigns import start_auto_campaign
 from core.db.models import TrainingRound
 from core.db.policies import (
     get_current_policy,
@@ -64,7 +64,7 @@ from core.diffusion.training import (
     train_step,
     warm_reference_cache,
 )
-from core.settings import DpoConfig
+from core.settings import DpoConfig, EvalConfig
 from core.storage import BlobNotFound, BlobStore, get_verified
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class Trainer:
     # Asked after every optimizer step (SIGTERM sets it): checkpoint there and return without publishing.
     should_stop: Callable[[], bool] | None = None
     # The human evaluation campaign started with each published version (Settings.eval).
-    auto_evaluation: AutoEvaluation | None = None
+    auto_evaluation: EvalConfig | None = None
     # Why the last `run_once` trained nothing (e.g. "12 decided pairs at the current settings ..., need
     # 32"), for the heartbeat and the log.
     waiting_reason: str = field(default="", init=False)
@@ -295,7 +295,7 @@ class Trainer:
                 campaign.baseline_version,
                 campaign.target_votes,
             )
-        elif published is not None and auto.promote_if_wins and auto.votes > 0:
+        elif published is not None and auto.promote_if_wins and auto.auto_votes > 0:
             logger.warning(
                 "version %d is published but not current: the gate (DENSEALIGN_EVAL__PROMOTE_IF_WINS) makes it "
                 "current once people prefer it in an evaluation campaign, which starts when the running one "

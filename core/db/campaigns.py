@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +25,7 @@ from core.db.pairs import two_trajectories
 from core.db.policies import get_current_policy, get_policy_version, set_current_policy
 from core.eval_stats import Score, Vote, WinRate, bradley_terry, figures, win_rate
 from core.jobs import in_full_jobs
+from core.settings import EvalConfig
 
 
 class CampaignNotFound(NotFound):
@@ -54,18 +54,6 @@ class NoPromptsToEvaluate(Conflict):
 class CampaignNotRunning(Conflict):
     def __init__(self, campaign: EvalCampaign) -> None:
         super().__init__(f"evaluation campaign {campaign.id} has already ended ({campaign.status})")
-
-
-@dataclass(frozen=True)
-class AutoEvaluation:
-    """What to start when a version is published (Settings.eval); `votes` 0 = nothing."""
-
-    votes: int
-    compare_with: str = "base"  # 'base' or 'previous'
-    judgements_per_pair: int = 1
-    prompt_split: str = "eval"
-    # The gate: publish without making current, compare with the current version, promote on a win.
-    promote_if_wins: bool = False
 
 
 def eval_prompt_ids(*, session: Session, split: str) -> list[int]:
@@ -139,7 +127,7 @@ def _running_of(version: int, baseline: int) -> Select[EvalCampaign]:
     )
 
 
-def start_auto_campaign(*, session: Session, auto: AutoEvaluation) -> EvalCampaign | None:
+def start_auto_campaign(*, session: Session, auto: EvalConfig) -> EvalCampaign | None:
     """Start the automatic campaign of the newest version, unless one runs already; returns it, or None.
 
     One automatic campaign at a time: votes then go to one comparison, which completes, instead of
@@ -151,7 +139,7 @@ def start_auto_campaign(*, session: Session, auto: AutoEvaluation) -> EvalCampai
     The comparison is version 0 (`compare_with` base) or the version it was trained from (previous);
     with the gate on it is the current version (the one it would replace), and the campaign promotes
     the new version if it wins (`finish_if_reached`)."""
-    if auto.votes < 1:
+    if auto.auto_votes < 1:
         return None
     running = select(EvalCampaign.id).where(
         EvalCampaign.status == "running", EvalCampaign.origin == "publish"
@@ -178,7 +166,7 @@ def start_auto_campaign(*, session: Session, auto: AutoEvaluation) -> EvalCampai
         session=session,
         version=newest.version,
         baseline_version=baseline,
-        target_votes=auto.votes,
+        target_votes=auto.auto_votes,
         judgements_per_pair=auto.judgements_per_pair,
         prompt_split=auto.prompt_split,
         origin="publish",

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from core.db.assignment import next_pair
 from core.db.campaigns import (
-    AutoEvaluation,
     CampaignRunning,
     NoPromptsToEvaluate,
     campaign_results,
@@ -34,6 +33,7 @@ from core.db.prompts import add_prompt
 from core.db.training import fresh_pair_groups, preference_pairs, record_round_pairs, start_training_round
 from core.pool import refill_pool
 from core.queue import MemorySlots
+from core.settings import EvalConfig
 
 SAMPLER = {"num_steps": 3}
 
@@ -115,21 +115,21 @@ def test_one_automatic_campaign_at_a_time_for_the_newest_version(
     session: Session, versions: tuple[int, int], eval_prompts: list[Prompt]
 ) -> None:
     publish_policy_version(session=session, version=2, parent_version=1, lora_key="l/2", lora_sha256="1" * 64)
-    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=0)) is None
-    first = start_auto_campaign(session=session, auto=AutoEvaluation(votes=40, compare_with="previous"))
+    assert start_auto_campaign(session=session, auto=EvalConfig(auto_votes=0)) is None
+    first = start_auto_campaign(session=session, auto=EvalConfig(auto_votes=40, compare_with="previous"))
     assert first is not None
     assert (first.version, first.baseline_version, first.origin, first.target_votes) == (2, 1, "publish", 40)
     # versions published while it runs wait; an admin's campaign does not count as the automatic one
     publish_policy_version(session=session, version=3, parent_version=2, lora_key="l/3", lora_sha256="3" * 64)
     start_campaign(session=session, version=1, baseline_version=0, target_votes=5)
-    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=40)) is None
+    assert start_auto_campaign(session=session, auto=EvalConfig(auto_votes=40)) is None
     publish_policy_version(session=session, version=4, parent_version=3, lora_key="l/4", lora_sha256="4" * 64)
     stop_campaign(session=session, campaign_id=first.id)
     # the next one takes the newest version (3 is skipped), against version 0 by default
-    second = start_auto_campaign(session=session, auto=AutoEvaluation(votes=40))
+    second = start_auto_campaign(session=session, auto=EvalConfig(auto_votes=40))
     assert second is not None and (second.version, second.baseline_version) == (4, 0)
     stop_campaign(session=session, campaign_id=second.id)
-    assert start_auto_campaign(session=session, auto=AutoEvaluation(votes=40)) is None, "4 was evaluated"
+    assert start_auto_campaign(session=session, auto=EvalConfig(auto_votes=40)) is None, "4 was evaluated"
 
 
 def test_eval_pair_must_share_prompt_and_seed(
@@ -291,7 +291,7 @@ def test_the_gate_promotes_a_version_only_when_people_prefer_it(
     publish_policy_version(
         session=session, version=2, parent_version=1, lora_key="l/2", lora_sha256="2" * 64, make_current=False
     )
-    gate = AutoEvaluation(votes=8, promote_if_wins=True)
+    gate = EvalConfig(auto_votes=8, promote_if_wins=True)
     campaign = start_auto_campaign(session=session, auto=gate)
     assert campaign is not None and (campaign.baseline_version, campaign.promote_on_win) == (1, True)
     rng = random.Random(4)
