@@ -19,8 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from safetensors.torch import load as load_safetensors
-
 from core.basemodel.evaluate import acceptance, eval_prompts
 from core.db import make_engine, make_session_factory
 from core.db.errors import DomainError
@@ -29,7 +27,7 @@ from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_conf
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
 from core.judges import make_judge
 from core.settings import SettingsError, load_settings
-from core.storage import BlobCorrupt, LocalBlobStore, get_verified
+from core.storage import BlobCorrupt, LocalBlobStore
 
 
 @dataclass
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if key is not None and sha is not None:
         try:
-            policy.hot_swap(load_safetensors(get_verified(LocalBlobStore(settings.blob_dir), key, sha)))
+            policy.load_published(LocalBlobStore(settings.blob_dir), key, sha)
         except (BlobCorrupt, AdapterMismatchError) as exc:
             print(f"densealign eval: version {args.version}: {exc}", file=sys.stderr)
             return 2

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import blob_keys
 from core.db.campaigns import start_auto_campaign
 from core.db.models import TrainingRound
 from core.db.policies import (
@@ -54,7 +55,7 @@ from core.db.training import (
     start_training_round,
 )
 from core.diffusion.ddim import DdimSchedule, ddim_schedule
-from core.diffusion.policy import WEIGHT_NAME, Policy
+from core.diffusion.policy import Policy
 from core.diffusion.sampler import Conditioning, SamplerSettings, Trajectory, encode_prompts
 from core.diffusion.training import (
     PairBatch,
@@ -65,7 +66,7 @@ from core.diffusion.training import (
     warm_reference_cache,
 )
 from core.settings import DpoConfig, EvalConfig
-from core.storage import BlobNotFound, BlobStore, get_verified
+from core.storage import BlobNotFound, BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -361,14 +362,11 @@ class Trainer:
         with self.sessions() as session:
             base = get_policy_version(session=session, version=base_version)
             lora_key, lora_sha256 = base.lora_key, base.lora_sha256
-        if lora_key is None or lora_sha256 is None:
-            self.policy.reset_adapter()
-        else:
-            self.policy.hot_swap(_load_safetensors(get_verified(self.blobs, lora_key, lora_sha256)))
+        self.policy.load_published(self.blobs, lora_key, lora_sha256)
         optimizer = make_optimizer(self.policy, lr=self.config.lr, weight_decay=self.config.weight_decay)
         try:
             state = torch.load(
-                io.BytesIO(self.blobs.get(f"policies/v{base_version}/optimizer.pt")), weights_only=True
+                io.BytesIO(self.blobs.get(blob_keys.optimizer(base_version))), weights_only=True
             )
             optimizer.load_state_dict(state)
         except BlobNotFound:
@@ -380,7 +378,7 @@ class Trainer:
         cfg = self.config
         examples = self._load_examples(round_id)
         optimizer = self._start_state(base_version)
-        ckpt_key = f"rounds/{round_id}/checkpoint.pt"
+        ckpt_key = blob_keys.round_checkpoint(round_id)
         schedule = ddim_schedule(
             self.policy.pipe.scheduler, examples.settings.num_steps, self.policy.unet.device
         )
@@ -461,11 +459,11 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             path, _ = self.policy.save_adapter(tmp)
             data = Path(path).read_bytes()
-        lora_key = f"policies/v{version}/{WEIGHT_NAME}"
+        lora_key = blob_keys.adapter(version)
         sha = self.blobs.put(lora_key, data)
         buf = io.BytesIO()
         torch.save(optimizer.state_dict(), buf)
-        self.blobs.put(f"policies/v{version}/optimizer.pt", buf.getvalue())
+        self.blobs.put(blob_keys.optimizer(version), buf.getvalue())
         with self.sessions() as session, session.begin():
             # The round row, locked: if another trainer finished this round meanwhile (a second trainer
             # that took over while this one had lost its database connection), publish nothing.
@@ -501,9 +499,3 @@ class Trainer:
             metrics["implicit_accuracy"],
         )
         return version
-
-
-def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(data)

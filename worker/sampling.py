@@ -31,14 +31,13 @@ import logging
 import random
 import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from safetensors.torch import load
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import blob_keys
 from core.db.campaigns import create_eval_pair, get_campaign
 from core.db.models import PolicyVersion
 from core.db.pairs import create_pair, create_trajectory, required_judgements
@@ -47,7 +46,7 @@ from core.db.prompts import get_prompt
 from core.diffusion.models import Pipeline
 from core.diffusion.policy import Policy
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
-from core.storage import BlobStore, get_verified
+from core.storage import BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +94,7 @@ class Sampler:
         if row.version == self.loaded_version:
             return
         start = time.perf_counter()
-        if row.version == 0:
-            self.policy.reset_adapter()
-        else:
-            assert row.lora_key is not None and row.lora_sha256 is not None
-            self.policy.hot_swap(load(get_verified(self.blobs, row.lora_key, row.lora_sha256)))
+        self.policy.load_published(self.blobs, row.lora_key, row.lora_sha256)
         self.last_swap_seconds = time.perf_counter() - start
         logger.info(
             "hot-swapped policy version %d -> %d in %.3fs",
@@ -124,54 +119,21 @@ class Sampler:
         with self.sessions() as session:
             texts = {pid: get_prompt(session=session, prompt_id=pid).text for pid in set(prompt_ids)}
             version = self.sync_policy(session)
-        source = self.seed_source
-        seeds = [
-            source.getrandbits(63) if source else secrets.randbits(63) for _ in range(2 * len(prompt_ids))
-        ]
+        seeds = self._seeds(2 * len(prompt_ids))
         prompts = [texts[pid] for pid in prompt_ids for _ in "ab"]
         start = time.perf_counter()
         batch = sample_trajectories(self.policy.pipe, prompts, seeds, self.settings)
         sampled_seconds = time.perf_counter() - start
-        record = self.sampling_record()
         written: list[str] = []
         try:
             keys = []
             for i, image in enumerate(batch.pil_images()):
-                stem = f"v{version}/p{prompt_ids[i // 2]}/{uuid.uuid4().hex}"
-                traj_key, image_key = f"trajectories/{stem}.safetensors", f"images/{stem}.png"
+                traj_key, image_key = blob_keys.trajectory(version, prompt_ids[i // 2])
                 self.blobs.put(traj_key, batch.trajectory(i).to_bytes())
                 written.append(traj_key)
                 self._put_png(written, image_key, image)
                 keys.append((traj_key, image_key))
-            pair_ids = []
-            with self.sessions() as session, session.begin():
-                for k, prompt_id in enumerate(prompt_ids):
-                    rows = [
-                        create_trajectory(
-                            session=session,
-                            prompt_id=prompt_id,
-                            policy_version=version,
-                            seed=seeds[i],
-                            image_key=keys[i][1],
-                            latents_key=keys[i][0],
-                            log_probs_key=keys[i][0],
-                            sampler=record,
-                        )
-                        for i in (2 * k, 2 * k + 1)
-                    ]
-                    required = required_judgements(
-                        rng=self.rng,
-                        overlap_k=self.overlap.overlap_k,
-                        agreement_k=self.overlap.agreement_k,
-                        agreement_share=self.overlap.agreement_share,
-                    )
-                    pair = create_pair(
-                        session=session,
-                        trajectory_a_id=rows[0].id,
-                        trajectory_b_id=rows[1].id,
-                        required=required,
-                    )
-                    pair_ids.append(pair.id)
+            pair_ids = self._insert_pairs(prompt_ids, version, seeds, keys)
         except BaseException:
             self._delete_blobs(written)
             raise
@@ -184,6 +146,43 @@ class Sampler:
         )
         return pair_ids
 
+    def _seeds(self, n: int) -> list[int]:
+        source = self.seed_source
+        return [source.getrandbits(63) if source else secrets.randbits(63) for _ in range(n)]
+
+    def _insert_pairs(
+        self, prompt_ids: list[int], version: int, seeds: list[int], keys: list[tuple[str, str]]
+    ) -> list[int]:
+        """Insert the job's trajectories (two per prompt id, in order) and their pairs in one transaction."""
+        record = self.sampling_record()
+        pair_ids = []
+        with self.sessions() as session, session.begin():
+            for k, prompt_id in enumerate(prompt_ids):
+                rows = [
+                    create_trajectory(
+                        session=session,
+                        prompt_id=prompt_id,
+                        policy_version=version,
+                        seed=seeds[i],
+                        image_key=keys[i][1],
+                        latents_key=keys[i][0],
+                        log_probs_key=keys[i][0],
+                        sampler=record,
+                    )
+                    for i in (2 * k, 2 * k + 1)
+                ]
+                required = required_judgements(
+                    rng=self.rng,
+                    overlap_k=self.overlap.overlap_k,
+                    agreement_k=self.overlap.agreement_k,
+                    agreement_share=self.overlap.agreement_share,
+                )
+                pair = create_pair(
+                    session=session, trajectory_a_id=rows[0].id, trajectory_b_id=rows[1].id, required=required
+                )
+                pair_ids.append(pair.id)
+        return pair_ids
+
     def sample_eval_pairs(self, campaign_id: int, prompt_ids: list[int]) -> list[int]:
         """Run one evaluation job: for each prompt id, an image of the campaign's version and one of its
         baseline from the same seed and settings (so the policy is the only difference), stored as an
@@ -194,62 +193,26 @@ class Sampler:
         """
         if not prompt_ids:
             raise ValueError("a sampling job needs at least one prompt id")
-        with self.sessions() as session:
-            campaign = get_campaign(session=session, campaign_id=campaign_id)
-            if campaign.status != "running":
-                logger.info(
-                    "evaluation campaign %d has ended (%s); job skipped", campaign_id, campaign.status
-                )
-                return []
-            texts = {pid: get_prompt(session=session, prompt_id=pid).text for pid in set(prompt_ids)}
-            sides = [
-                get_policy_version(session=session, version=v)
-                for v in (campaign.version, campaign.baseline_version)
-            ]
-            session.expunge_all()
-        source = self.seed_source
-        seeds = [source.getrandbits(63) if source else secrets.randbits(63) for _ in prompt_ids]
+        loaded = self._running_campaign(campaign_id, prompt_ids)
+        if loaded is None:
+            return []
+        texts, sides = loaded
+        seeds = self._seeds(len(prompt_ids))
         prompts = [texts[pid] for pid in prompt_ids]
         images = []
         for row in sides:  # both sides even in an A/A campaign: their images must come out identical
             self.load_version(row)
             images.append(sample_trajectories(self.policy.pipe, prompts, seeds, self.settings).pil_images())
-        record = self.sampling_record()
         written: list[str] = []
         try:
             keys = [
                 [
-                    self._put_png(
-                        written,
-                        f"images/eval/c{campaign_id}/v{row.version}/p{pid}/{uuid.uuid4().hex}.png",
-                        image,
-                    )
+                    self._put_png(written, blob_keys.eval_image(campaign_id, row.version, pid), image)
                     for pid, image in zip(prompt_ids, side, strict=True)
                 ]
                 for row, side in zip(sides, images, strict=True)
             ]
-            with self.sessions() as session, session.begin():
-                pair_ids = []
-                for k, prompt_id in enumerate(prompt_ids):
-                    ours, theirs = (
-                        create_trajectory(
-                            session=session,
-                            prompt_id=prompt_id,
-                            policy_version=row.version,
-                            seed=seeds[k],
-                            image_key=keys[side][k],
-                            sampler=record,
-                        )
-                        for side, row in enumerate(sides)
-                    )
-                    pair = create_eval_pair(
-                        session=session,
-                        campaign_id=campaign_id,
-                        version_trajectory_id=ours.id,
-                        baseline_trajectory_id=theirs.id,
-                        rng=self.rng,
-                    )
-                    pair_ids.append(pair.id)
+            pair_ids = self._insert_eval_pairs(campaign_id, prompt_ids, sides, seeds, keys)
         except BaseException:
             self._delete_blobs(written)
             raise
@@ -259,6 +222,59 @@ class Sampler:
             campaign_id,
             sorted(set(prompt_ids)),
         )
+        return pair_ids
+
+    def _running_campaign(
+        self, campaign_id: int, prompt_ids: list[int]
+    ) -> tuple[dict[int, str], list[PolicyVersion]] | None:
+        """The prompts' texts and the campaign's two versions (its own, then the baseline); None when the
+        campaign has ended."""
+        with self.sessions() as session:
+            campaign = get_campaign(session=session, campaign_id=campaign_id)
+            if campaign.status != "running":
+                logger.info(
+                    "evaluation campaign %d has ended (%s); job skipped", campaign_id, campaign.status
+                )
+                return None
+            texts = {pid: get_prompt(session=session, prompt_id=pid).text for pid in set(prompt_ids)}
+            sides = [
+                get_policy_version(session=session, version=v)
+                for v in (campaign.version, campaign.baseline_version)
+            ]
+            session.expunge_all()
+        return texts, sides
+
+    def _insert_eval_pairs(
+        self,
+        campaign_id: int,
+        prompt_ids: list[int],
+        sides: list[PolicyVersion],
+        seeds: list[int],
+        keys: list[list[str]],
+    ) -> list[int]:
+        record = self.sampling_record()
+        pair_ids = []
+        with self.sessions() as session, session.begin():
+            for k, prompt_id in enumerate(prompt_ids):
+                ours, theirs = (
+                    create_trajectory(
+                        session=session,
+                        prompt_id=prompt_id,
+                        policy_version=row.version,
+                        seed=seeds[k],
+                        image_key=keys[side][k],
+                        sampler=record,
+                    )
+                    for side, row in enumerate(sides)
+                )
+                pair = create_eval_pair(
+                    session=session,
+                    campaign_id=campaign_id,
+                    version_trajectory_id=ours.id,
+                    baseline_trajectory_id=theirs.id,
+                    rng=self.rng,
+                )
+                pair_ids.append(pair.id)
         return pair_ids
 
     def _put_png(self, written: list[str], key: str, image: Image.Image) -> str:

@@ -37,10 +37,12 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 from torch import Tensor
 
 from core.diffusion.models import Pipeline, load_pipeline
+from core.storage import BlobStore, get_verified
 
 if TYPE_CHECKING:
     from core.settings import ModelConfig
@@ -243,6 +245,17 @@ class Policy:
                 self._param_by_key[key].copy_(value)
         if self._fused is not None:
             self._write_fused()
+
+    def load_published(self, blobs: BlobStore, lora_key: str | None, lora_sha256: str | None) -> None:
+        """Load a published version's adapter from the blob store, checked against the sha256 recorded
+        with the version (`BlobCorrupt` names the blob otherwise); no key = version 0, the base model.
+        The one way workers, the trainer and `densealign eval` load a version."""
+        if lora_key is None:
+            self.reset_adapter()
+            return
+        if lora_sha256 is None:
+            raise ValueError(f"adapter {lora_key!r} has no recorded sha256; it cannot be checked")
+        self.hot_swap(load_safetensors(get_verified(blobs, lora_key, lora_sha256)))
 
     def reset_adapter(self) -> None:
         """Make the policy equal to the base model again (version 0): zero every LoRA B matrix."""
