@@ -17,7 +17,9 @@ HTTP requests answered) and, apart, the CPU time of this client process. Figures
 
 Usage: python bench/load.py [--users 200] [--duration 300] [--workers 4] [--think 1.0] [--retries 5]
     [--out bench/results/load-200users-300s.json]
-The client runs on the same machine as the server, so on a small machine it competes for CPU.
+The client runs on the same machine as the server, so on a small machine it competes for CPU; it
+speaks HTTP/1.1 itself over one keep-alive connection per annotator (`Http1`) because httpx's
+AsyncClient spent about 7 ms of CPU per request, more than the server, and so set the latencies.
 """
 
 from __future__ import annotations
@@ -98,6 +100,81 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class TransportError(Exception):
+    """The connection failed, closed or timed out before a whole response arrived."""
+
+
+class Answer:
+    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code, self.headers, self.body = status_code, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+class Http1:
+    """One annotator's keep-alive HTTP/1.1 connection: just what the app's JSON answers need."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], json_body: Any = None, **_: Any
+    ) -> Answer:
+        try:
+            return await asyncio.wait_for(self._exchange(method, path, headers, json_body), self.timeout)
+        except (
+            TimeoutError,
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            IndexError,
+        ) as exc:
+            await self.close()
+            raise TransportError(f"{method} {path}: {type(exc).__name__}") from exc
+
+    async def _exchange(self, method: str, path: str, headers: dict[str, str], json_body: Any) -> Answer:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        body = b"" if json_body is None else json.dumps(json_body).encode()
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            f"Content-Length: {len(body)}",
+        ]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if json_body is not None:
+            lines.append("Content-Type: application/json")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        status = int((await reader.readuntil(b"\r\n")).split()[1])
+        got: dict[str, str] = {}
+        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            got[name.strip().lower()] = value.strip()
+        if got.get("transfer-encoding") == "chunked":
+            content = b""
+            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+                content += (await reader.readexactly(size + 2))[:-2]
+            await reader.readuntil(b"\r\n")
+        else:
+            content = await reader.readexactly(int(got.get("content-length", "0")))
+        if got.get("connection", "").lower() == "close":
+            await self.close()
+        return Answer(status, got, content)
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -110,14 +187,14 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
 
 
 async def call(
-    client: httpx.AsyncClient,
+    client: Http1,
     method: str,
     path: str,
     stats: dict[str, Any],
     kind: str,
     retries: int,
     **kwargs: Any,
-) -> httpx.Response | None:
+) -> Answer | None:
     """One call as a retrying client makes it; None when a transport failure outlasts the retries.
 
     A 503 is retried after its Retry-After and a transport failure after 0.5 s x the attempt, with
@@ -128,7 +205,7 @@ async def call(
         t0 = time.perf_counter()
         try:
             response = await client.request(method, path, **kwargs)
-        except httpx.HTTPError:
+        except TransportError:
             if attempt == retries:
                 return None
             stats["retries"]["transport"] += 1
@@ -144,7 +221,7 @@ async def call(
 
 
 async def annotator(
-    client: httpx.AsyncClient, token: str, deadline: float, think: float, retries: int, stats: dict[str, Any]
+    client: Http1, token: str, deadline: float, think: float, retries: int, stats: dict[str, Any]
 ) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     rng = random.Random(token)
@@ -163,7 +240,7 @@ async def annotator(
         await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
         body = {"pair_id": pair["pair_id"], "choice": rng.choice("ab"), "client_key": uuid.uuid4().hex}
         response = await call(
-            client, "POST", "/api/v1/judgements", stats, "judge", retries, headers=headers, json=body
+            client, "POST", "/api/v1/judgements", stats, "judge", retries, headers=headers, json_body=body
         )
         if response is not None and response.status_code in (200, 201):
             stats["acknowledged"] += 1
@@ -181,10 +258,17 @@ async def run_load(
                              "errors": 0, "acknowledged": 0, "acknowledged_as_repeat": 0, "empty": 0,
                              "retries": defaultdict(int), "error_codes": defaultdict(int),
                              "holds": defaultdict(list)}  # fmt: skip
-    limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
-        deadline = time.monotonic() + duration
-        await asyncio.gather(*(annotator(client, t, deadline, think, retries, stats) for t in tokens))
+    host, _, port = base_url.removeprefix("http://").partition(":")
+    clients = [Http1(host, int(port)) for _ in tokens]
+    deadline = time.monotonic() + duration
+    await asyncio.gather(
+        *(
+            annotator(client, t, deadline, think, retries, stats)
+            for client, t in zip(clients, tokens, strict=True)
+        )
+    )
+    for client in clients:
+        await client.close()
     return stats
 
 

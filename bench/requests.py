@@ -233,8 +233,8 @@ def top_frames(raw: Path) -> dict[str, float]:
         stack, _, n = line.rpartition(" ")
         total += int(n)
         names = {frame.split(" (")[0] for frame in stack.split(";")}
-        for name in PROFILED:
-            if name in names:
+        for name in PROFILED:  # py-spy qualifies methods with their class: match either way
+            if any(found == name or found.endswith("." + name) for found in names):
                 under[name] += int(n)
     return {name: round(under[name] / max(total, 1), 3) for name in PROFILED}
 

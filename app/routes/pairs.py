@@ -30,8 +30,18 @@ router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[BEARER])
 EMPTY_POOL = "No pairs are waiting for you right now; new ones appear as the workers sample them."
 
 
+# `url_for` walks the route table on every call; the image path differs only in its two parameters,
+# so it is built once per root path and then filled in.
+_IMAGE_PATHS: dict[str, str] = {}
+
+
 def image_url(request: Request, pair_id: int, side: str) -> str:
-    return str(request.url_for("pair_image", pair_id=pair_id, side=side).path)
+    root_path = request.scope.get("root_path", "")
+    template = _IMAGE_PATHS.get(root_path)
+    if template is None:
+        sample = str(request.url_for("pair_image", pair_id=1, side="a").path)  # ends in pair_image's path
+        template = _IMAGE_PATHS[root_path] = sample.removesuffix("/1/images/a") + "/{pair_id}/images/{side}"
+    return template.format(pair_id=pair_id, side=side)
 
 
 def assignment_public(request: Request, assignment: Assignment) -> PairAssignmentPublic:

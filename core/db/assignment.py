@@ -10,8 +10,9 @@ also uses `FOR UPDATE SKIP LOCKED`, so concurrent requests fan out over differen
 queueing on the same row; SQLite serialises writers, and the upsert alone is enough there.
 
 On Postgres all of it is one statement (`LEASE_OR_CLAIM`, one database round trip): data-modifying
-CTEs renew the labeller's held lease or, when there is none, pick and claim a candidate, and the
-statement returns the pair's row with its prompt's text and the side shown on the left. It is sent
+CTEs renew the labeller's held lease or, when there is none, pick and claim a candidate (of the kind
+`eval_share` prefers this time, else of the other), and the statement returns the pair's row with
+its prompt's text and the side shown on the left. It is sent
 again, without the candidate it saw, only when another request claimed that pair between this
 statement's snapshot and its upsert. SQLite has no data-modifying CTEs: there the same steps are
 separate statements (`_next_pair_stepwise`), which is fine for the embedded single-machine mode.
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     ARRAY,
+    Boolean,
     ColumnElement,
     Integer,
     String,
     Text,
-    TextualSelect,
     bindparam,
     column,
     or_,
@@ -45,11 +46,23 @@ from core.db.models import EvalCampaign, Judgement, Lease, Pair, Prompt
 
 CANDIDATES_PER_TRY = 16
 
-# Postgres: renew the held lease, or claim the first free candidate of :kind, in one statement. The
-# candidate CTE is the stepwise candidate query (it reads ix_pairs_open backwards) behind a one-time
-# "nothing held" filter; `claimed` is the guarded upsert. The last UNION branch reports a candidate
-# whose claim lost a race (left_side NULL), so the caller can try again without it.
-LEASE_OR_CLAIM = """\
+# Postgres: renew the held lease, or claim the first free candidate, in one statement. Each candidate
+# CTE is the stepwise candidate query for one kind (it reads ix_pairs_open backwards) behind a
+# one-time "nothing held" filter; `candidate` takes the preferred kind's (:eval_first) and falls back
+# to the other's, scanning it only when needed (and evaluation pairs only when :eval_allowed).
+# `claimed` is the guarded upsert. The last UNION branch reports a candidate whose claim lost a race
+# (left_side NULL), so the caller can try again without it.
+_CANDIDATE = """\
+    SELECT pairs.id FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id {campaign_join}
+    WHERE NOT EXISTS (SELECT 1 FROM held)
+      AND prompts.active AND pairs.judgement_count < pairs.required_judgements AND pairs.kind = '{kind}'
+      AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.pair_id = pairs.id AND leases.expires_at > :now)
+      AND NOT EXISTS (SELECT 1 FROM judgements
+                      WHERE judgements.pair_id = pairs.id AND judgements.labeller_id = :labeller_id)
+      AND pairs.id <> ALL(:exclude)
+    ORDER BY pairs.policy_version DESC, pairs.judgement_count DESC, pairs.id DESC
+    LIMIT 1 FOR UPDATE OF pairs SKIP LOCKED"""
+LEASE_OR_CLAIM = f"""\
 WITH held AS (
     SELECT leases.id FROM leases
     WHERE leases.labeller_id = :labeller_id AND leases.expires_at > :now
@@ -60,16 +73,20 @@ WITH held AS (
 ), renewed AS (
     UPDATE leases SET expires_at = :expires FROM held WHERE leases.id = held.id
     RETURNING leases.pair_id, leases.left_side
+), train_candidate AS (
+{_CANDIDATE.format(campaign_join="", kind="train")}
+), eval_candidate AS (
+{
+    _CANDIDATE.format(
+        campaign_join="JOIN eval_campaigns ON eval_campaigns.id = pairs.campaign_id AND eval_campaigns.status = 'running'",
+        kind="eval",
+    )
+}
 ), candidate AS (
-    SELECT pairs.id FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id {campaign_join}
-    WHERE NOT EXISTS (SELECT 1 FROM held)
-      AND prompts.active AND pairs.judgement_count < pairs.required_judgements AND pairs.kind = :kind
-      AND NOT EXISTS (SELECT 1 FROM leases WHERE leases.pair_id = pairs.id AND leases.expires_at > :now)
-      AND NOT EXISTS (SELECT 1 FROM judgements
-                      WHERE judgements.pair_id = pairs.id AND judgements.labeller_id = :labeller_id)
-      AND pairs.id <> ALL(:exclude)
-    ORDER BY pairs.policy_version DESC, pairs.judgement_count DESC, pairs.id DESC
-    LIMIT 1 FOR UPDATE OF pairs SKIP LOCKED
+    SELECT id FROM eval_candidate WHERE :eval_first
+    UNION ALL SELECT id FROM train_candidate WHERE NOT (:eval_first AND EXISTS (SELECT 1 FROM eval_candidate))
+    UNION ALL SELECT id FROM eval_candidate
+              WHERE NOT :eval_first AND :eval_allowed AND NOT EXISTS (SELECT 1 FROM train_candidate)
 ), claimed AS (
     INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
     SELECT candidate.id, :labeller_id, :left_side, :expires FROM candidate
@@ -82,37 +99,23 @@ WITH held AS (
     UNION ALL SELECT pair_id, left_side FROM claimed
     UNION ALL SELECT candidate.id, NULL FROM candidate WHERE NOT EXISTS (SELECT 1 FROM claimed)
 )
-SELECT {pair_columns}, prompts.text AS prompt_text, chosen.left_side
+SELECT {
+    ", ".join(f"pairs.{c.name}" for c in Pair.__table__.columns)
+}, prompts.text AS prompt_text, chosen.left_side
 FROM chosen JOIN pairs ON pairs.id = chosen.pair_id JOIN prompts ON prompts.id = pairs.prompt_id
 """
-_CAMPAIGN_JOIN = (
-    "JOIN eval_campaigns ON eval_campaigns.id = pairs.campaign_id AND eval_campaigns.status = 'running'"
+_LEASE_OR_CLAIM = (
+    sql_text(LEASE_OR_CLAIM)
+    .bindparams(
+        bindparam("exclude", type_=ARRAY(Integer)),
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("expires", type_=UTCDateTime()),
+        bindparam("eval_first", type_=Boolean()),
+        bindparam("eval_allowed", type_=Boolean()),
+    )
+    .columns(*Pair.__table__.columns, column("prompt_text", Text), column("left_side", String))
 )
-
-
-def _lease_or_claim(kind: str) -> TextualSelect:
-    pair_columns = ", ".join(f"pairs.{c.name}" for c in Pair.__table__.columns)
-    statement = LEASE_OR_CLAIM.format(
-        campaign_join=_CAMPAIGN_JOIN if kind == "eval" else "", pair_columns=pair_columns
-    )
-    return (
-        sql_text(statement)
-        .bindparams(
-            bindparam("exclude", type_=ARRAY(Integer)),
-            bindparam("now", type_=UTCDateTime()),
-            bindparam("expires", type_=UTCDateTime()),
-        )
-        .columns(*Pair.__table__.columns, column("prompt_text", Text), column("left_side", String))
-    )
-
-
-_STATEMENTS = {kind: _lease_or_claim(kind) for kind in ("train", "eval")}
-_ORM_STATEMENTS = {
-    kind: select(
-        Pair, statement.selected_columns.prompt_text, statement.selected_columns.left_side
-    ).from_statement(statement)
-    for kind, statement in _STATEMENTS.items()
-}
+_PAIR_COLUMNS = tuple(c.key for c in Pair.__table__.columns)
 
 
 @dataclass(frozen=True)
@@ -146,18 +149,21 @@ def next_pair(
     if session.get_bind().dialect.name != "postgresql":
         return _next_pair_stepwise(session, labeller_id, rng, exclude, now, expires, eval_share)
     tried = list(exclude)
-    for kind in _kinds_in_order(rng, eval_share):
-        while True:
-            params = {"labeller_id": labeller_id, "now": now, "expires": expires, "exclude": tried}
-            params |= {"kind": kind, "left_side": rng.choice(("a", "b"))}
-            row = session.execute(_ORM_STATEMENTS[kind], params).first()
-            if row is None:
-                break  # nothing held, no candidate of this kind
-            pair, prompt_text, left_side = row
-            if left_side is not None:
-                return Assignment(pair=pair, prompt_text=prompt_text, left_side=left_side, expires_at=expires)
-            tried.append(pair.id)  # someone claimed it first
-    return None
+    eval_first = _kinds_in_order(rng, eval_share)[0] == "eval"
+    while True:
+        params = {"labeller_id": labeller_id, "now": now, "expires": expires, "exclude": tried}
+        params |= {"eval_first": eval_first, "eval_allowed": eval_share > 0, "left_side": rng.choice("ab")}
+        # A Core row, not an ORM load: the ORM's per-statement bookkeeping cost more CPU than the
+        # rest of the call. The Pair handed back is a transient copy of the row.
+        row = session.connection().execute(_LEASE_OR_CLAIM, params).first()
+        if row is None:
+            return None  # nothing held, no candidate of either kind
+        if row.left_side is not None:
+            pair = Pair(**{key: getattr(row, key) for key in _PAIR_COLUMNS})
+            return Assignment(
+                pair=pair, prompt_text=row.prompt_text, left_side=row.left_side, expires_at=expires
+            )
+        tried.append(row.id)  # someone claimed it first
 
 
 def _next_pair_stepwise(

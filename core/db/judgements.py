@@ -70,9 +70,7 @@ _JUDGE = (
     .bindparams(bindparam("created_at", type_=UTCDateTime()), bindparam("decide_ms", type_=Integer()))
     .columns(*Judgement.__table__.columns, column("counted", Boolean), column("campaign_id", Integer))
 )
-_JUDGE_ORM = select(
-    Judgement, _JUDGE.selected_columns.counted, _JUDGE.selected_columns.campaign_id
-).from_statement(_JUDGE)
+_JUDGEMENT_KEYS = tuple(c.key for c in Judgement.__table__.columns)
 
 
 @dataclass(frozen=True)
@@ -108,18 +106,17 @@ def _record_in_one_statement(
     """The usual case in one round trip; None (and nothing changed) when it does not apply."""
     params = {"pair_id": pair_id, "labeller_id": labeller_id, "choice": choice, "client_key": client_key}
     params |= {"decide_ms": decide_ms, "created_at": utcnow()}
-    row = session.execute(_JUDGE_ORM, params).first()
+    # A Core row, not an ORM load (cheaper); the Judgement handed back is a transient copy of the row.
+    row = session.connection().execute(_JUDGE, params).first()
     if row is None:
         return None
-    judgement, counted, campaign_id = row
-    if not counted:  # lost the pair's last place to a concurrent judgement: take the row back
-        session.execute(delete(Judgement).where(Judgement.id == judgement.id))
-        session.expunge(judgement)
+    if not row.counted:  # lost the pair's last place to a concurrent judgement: take the row back
+        session.execute(delete(Judgement).where(Judgement.id == row.id))
         return None
     _expire_count(session, pair_id)
-    if campaign_id is not None:  # an evaluation vote: its campaign may have all it needs now
-        finish_if_reached(session=session, campaign_id=campaign_id)
-    return Recorded(judgement, created=True)
+    if row.campaign_id is not None:  # an evaluation vote: its campaign may have all it needs now
+        finish_if_reached(session=session, campaign_id=row.campaign_id)
+    return Recorded(Judgement(**{key: getattr(row, key) for key in _JUDGEMENT_KEYS}), created=True)
 
 
 def _record_stepwise(
