@@ -9,32 +9,42 @@ stop the process at start with one line that says what to fix.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import sys
 import threading
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
+from redis import Redis
+from rq.defaults import DEFAULT_WORKER_TTL
+
+from core.db import make_engine, make_session_factory
+from core.db.errors import NoCurrentPolicy
 from core.heartbeat import Heartbeat
-from core.queue import SamplingQueue
+from core.pool import refill_pool
+from core.queue import JOB_TIMEOUT_SECONDS, QUEUE_NAME, RqSamplingQueue, SamplingQueue
 from core.settings import Settings, SettingsError, load_settings
+from core.storage import LocalBlobStore
+from core.sweep import sweep_orphans
 from worker.runner import serve_until_stopped
+
+if TYPE_CHECKING:  # the model code (torch) is imported once the process can stop on SIGTERM
+    from worker.sampling import Sampler
 
 logger = logging.getLogger("densealign.worker")
 SWEEP_SECONDS = 600.0  # how often a worker looks for blobs of killed jobs
 
 
-def build_sampler(settings: Settings) -> Any:
+def build_sampler(settings: Settings) -> Sampler:
     """Load the base model and adapter, and check they fit the current published version.
 
     The adapter is fused into the base weights for sampling unless `sampler.fuse_adapter` is off
     (core/diffusion/policy.py: ~10% faster on CPU; swaps stay exact).
     """
-
-    from core.db import make_engine, make_session_factory
     from core.diffusion.policy import policy_from_config
     from core.diffusion.sampler import SamplerSettings
-    from core.storage import LocalBlobStore
     from worker.sampling import OverlapPolicy, Sampler
 
     size = settings.sampler.image_size
@@ -61,15 +71,6 @@ def build_sampler(settings: Settings) -> Any:
 
 def start_refill_tick(settings: Settings, queue: SamplingQueue, stop: threading.Event) -> threading.Thread:
     """Top the pool up every `pool.tick_seconds` until `stop` is set; sweep orphan blobs now and then."""
-    import datetime as dt
-    import time
-
-    from core.db import make_engine, make_session_factory
-    from core.pool import refill_pool
-    from core.queue import JOB_TIMEOUT_SECONDS
-    from core.storage import LocalBlobStore
-    from core.sweep import sweep_orphans
-
     sessions = make_session_factory(make_engine(settings.database_url))
     store = LocalBlobStore(settings.blob_dir)
     # Older than any job can run, so a running job's not-yet-inserted blobs are never taken.
@@ -111,6 +112,34 @@ def _exit_now(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def start(settings: Settings) -> tuple[Sampler, Redis, Heartbeat]:
+    """Load the model and check it against the current version, reach Redis, start the heartbeat.
+    Raises SettingsError with one line to fix on bad settings."""
+    from core.diffusion.models import ModelNotFoundError
+    from core.diffusion.policy import AdapterMismatchError
+    from worker.sampling import install
+
+    try:
+        sampler = build_sampler(settings)
+    except (ModelNotFoundError, AdapterMismatchError, NoCurrentPolicy, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
+    install(sampler)
+    # redis-py 8 gives every connection a 5 s socket timeout unless told otherwise, and RQ raises
+    # only the pool's default (for connections made later) before its blocking wait for the next
+    # job; the connection pinged here would keep 5 s, so an idle worker timed out after 5 s and
+    # quit. An explicit timeout above RQ's blocking wait (worker TTL - 15 s) holds for them all.
+    redis = Redis.from_url(settings.redis_url, socket_timeout=DEFAULT_WORKER_TTL)
+    redis.ping()
+    # Beats start once the process can work (compose's start period covers the model load), so a
+    # start that fails on bad settings prints its one line and nothing else.
+    heartbeat = Heartbeat(
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        role="worker",
+        period=settings.heartbeat_seconds,
+    ).start()
+    return sampler, redis, heartbeat
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densealign worker", description="Serve sampling jobs from RQ.")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -122,36 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_now)
     try:
         settings = load_settings()
-        from redis import Redis
-        from rq.defaults import DEFAULT_WORKER_TTL
-
-        from core.db import make_engine, make_session_factory
-        from core.db.errors import NoCurrentPolicy
-        from core.diffusion.models import ModelNotFoundError
-        from core.diffusion.policy import AdapterMismatchError
-        from core.queue import QUEUE_NAME, RqSamplingQueue
-
-        try:
-            sampler = build_sampler(settings)
-        except (ModelNotFoundError, AdapterMismatchError, NoCurrentPolicy, ValueError) as exc:
-            raise SettingsError(str(exc)) from None
-        from worker.sampling import Sampler, install
-
-        assert isinstance(sampler, Sampler)
-        install(sampler)
-        # redis-py 8 gives every connection a 5 s socket timeout unless told otherwise, and RQ raises
-        # only the pool's default (for connections made later) before its blocking wait for the next
-        # job; the connection pinged here would keep 5 s, so an idle worker timed out after 5 s and
-        # quit. An explicit timeout above RQ's blocking wait (worker TTL - 15 s) holds for them all.
-        redis = Redis.from_url(settings.redis_url, socket_timeout=DEFAULT_WORKER_TTL)
-        redis.ping()
-        # Beats start once the process can work (compose's start period covers the model load), so a
-        # start that fails on bad settings prints its one line and nothing else.
-        heartbeat = Heartbeat(
-            sessions=make_session_factory(make_engine(settings.database_url)),
-            role="worker",
-            period=settings.heartbeat_seconds,
-        ).start()
+        sampler, redis, heartbeat = start(settings)
     except SettingsError as exc:
         print(f"densealign worker: {exc}", file=sys.stderr)
         return 2
