@@ -163,6 +163,11 @@ class SamplerRecordPublic(BaseModel):
         default=None, description="Device of the seeded torch.Generator ('cpu' or 'cuda'): noise differs."
     )
     scheduler: SchedulerPublic | None = None
+    adapter_fused: bool | None = Field(
+        default=None,
+        description="Whether the worker sampled with the LoRA fused into the base weights: redraw with "
+        "`load_lora_weights` then `fuse_lora()` (bit for bit in float32); false: `load_lora_weights` only.",
+    )
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> SamplerRecordPublic:

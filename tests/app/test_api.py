@@ -181,6 +181,7 @@ WORKER_RECORD = {
     "dtype": "float32",
     "generator_device": "cpu",
     "scheduler": {"class_name": "DDIMScheduler", "config": SCHEDULER_CONFIG},
+    "adapter_fused": True,
 }
 
 
@@ -235,6 +236,7 @@ def test_pair_sampling_record_of_an_old_row_and_a_missing_pair(admin_client: Tes
             "dtype",
             "generator_device",
             "scheduler",
+            "adapter_fused",
         )
     )
     missing = admin_client.get("/api/v1/pairs/999999")
