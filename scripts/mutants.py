@@ -43,7 +43,7 @@ IGNORE = shutil.ignore_patterns(
 # Test groups, fastest first within each (pytest stops at the first failure).
 DIRECTION = [
     "tests/core/diffusion/test_direction.py",
-    "tests/worker/test_round_direction.py",
+    "tests/trainer/test_round_direction.py",
     "tests/core/diffusion/test_policy.py",
     "tests/worker/test_loop.py",
 ]
@@ -57,7 +57,7 @@ ROUND = [
     "tests/trainer/test_round_pairs.py",
     "tests/trainer/test_round_examples.py",
     "tests/core/db/test_training.py",
-    "tests/worker/test_round_direction.py",
+    "tests/trainer/test_round_direction.py",
     "tests/worker/test_loop.py",
     "tests/worker/test_faults.py::test_trainer_killed_mid_round_resumes_without_double_counting",
 ]
