@@ -50,7 +50,7 @@ from core.db.training import PreferencePair  # noqa: E402
 from core.diffusion.ddim import ddim_schedule  # noqa: E402
 from core.diffusion.models import clip_tokenizer, load_pipeline, sd_scheduler  # noqa: E402
 from core.diffusion.policy import LoraSettings, Policy  # noqa: E402
-from core.diffusion.sampler import SamplerSettings, Trajectory, sample_trajectories  # noqa: E402
+from core.diffusion.sampler import SamplerSettings, TrajectoryLatents, sample_trajectories  # noqa: E402
 from core.diffusion.training import (  # noqa: E402
     PairBatch,
     ReferenceCache,
@@ -236,7 +236,9 @@ def round_pairs(
     prompts = [f"a red circle above a blue square, variant {i % 4}" for i in range(num_pairs) for _ in "wl"]
     sampled = sample_trajectories(pipe, prompts, list(range(len(prompts))), settings)
     for i, prompt in enumerate(prompts):
-        traj = Trajectory(prompt, i, sampled.latents[i], sampled.timesteps, sampled.log_probs[i], settings)
+        traj = TrajectoryLatents(
+            prompt, i, sampled.latents[i], sampled.timesteps, sampled.log_probs[i], settings
+        )
         blobs.put(f"trajectories/{i}.safetensors", traj.to_bytes())
     key = "trajectories/{}.safetensors".format
     return [
@@ -252,7 +254,7 @@ def batch_before(examples: RoundExamples, idx: list[int]) -> PairBatch:
     for i in idx:
         p = examples.pairs[i]
         tw, tl = (
-            Trajectory.from_bytes(examples.blobs.get(k), name=f"trajectory blob {k!r}")
+            TrajectoryLatents.from_bytes(examples.blobs.get(k), name=f"trajectory blob {k!r}")
             for k in (p.winner_latents_key, p.loser_latents_key)
             if k is not None
         )

@@ -56,7 +56,7 @@ from core.db.training import (
 )
 from core.diffusion.ddim import DdimSchedule, ddim_schedule
 from core.diffusion.policy import Policy
-from core.diffusion.sampler import Conditioning, SamplerSettings, Trajectory, encode_prompts
+from core.diffusion.sampler import Conditioning, SamplerSettings, TrajectoryLatents, encode_prompts
 from core.diffusion.training import (
     PairBatch,
     ReferenceCache,
@@ -155,7 +155,7 @@ class RoundExamples:
     pairs: list[PreferencePair]
     settings: SamplerSettings
     blobs: BlobStore
-    trajectories: dict[int, Trajectory]
+    trajectories: dict[int, TrajectoryLatents]
     cond: Conditioning
     prompt_row: dict[str, int]
 
@@ -169,7 +169,7 @@ class RoundExamples:
         keys = {p.winner_trajectory_id: p.winner_latents_key for p in pairs} | {
             p.loser_trajectory_id: p.loser_latents_key for p in pairs
         }
-        trajectories: dict[int, Trajectory] = {}
+        trajectories: dict[int, TrajectoryLatents] = {}
         if len(keys) * first.latents.numel() * 2 <= max_trajectory_bytes:  # stored as float16
             trajectories[pairs[0].winner_trajectory_id] = first
             for tid, key in keys.items():
@@ -185,7 +185,7 @@ class RoundExamples:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def trajectory(self, tid: int, key: str | None) -> Trajectory:
+    def trajectory(self, tid: int, key: str | None) -> TrajectoryLatents:
         got = self.trajectories.get(tid)
         return got if got is not None else _checked(_read(self.blobs, key), key, self.settings)
 
@@ -205,13 +205,13 @@ class RoundExamples:
         )
 
 
-def _read(blobs: BlobStore, key: str | None) -> Trajectory:
+def _read(blobs: BlobStore, key: str | None) -> TrajectoryLatents:
     if key is None:
         raise ValueError("a round's trajectory has no latents key: it was stored without its latents")
-    return Trajectory.from_bytes(blobs.get(key), name=f"trajectory blob {key!r}")
+    return TrajectoryLatents.from_bytes(blobs.get(key), name=f"trajectory blob {key!r}")
 
 
-def _checked(trajectory: Trajectory, key: str | None, settings: SamplerSettings) -> Trajectory:
+def _checked(trajectory: TrajectoryLatents, key: str | None, settings: SamplerSettings) -> TrajectoryLatents:
     if trajectory.settings != settings:
         raise ValueError(
             f"trajectory {key} was sampled with {trajectory.settings}, the round's first with {settings}; "

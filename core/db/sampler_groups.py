@@ -1,11 +1,11 @@
 """Which decided pairs may train together: grouping by the sampler settings they were drawn with.
 
 A round rebuilds each trajectory's DDIM schedule and guidance from its recorded settings, so one round
-can only use pairs drawn with the same settings. Every trajectory row records them (`Trajectory.sampler`,
+can only use pairs drawn with the same settings. Every trajectory row records them (`TrajectoryLatents.sampler`,
 written by the worker from `SamplerSettings.to_dict()`); a pair belongs to its trajectories' group, and
 a pair whose two trajectories disagree belongs to none (it can never be trained on). Keying:
 - every field of `SamplerSettings` always counts; a field an older record lacks takes its default,
-  which is how `core.diffusion.sampler.Trajectory.from_bytes` reads the same record back;
+  which is how `core.diffusion.sampler.TrajectoryLatents.from_bytes` reads the same record back;
 - `base_model` counts only when both sides record it (older rows don't);
 - any other key (e.g. the scheduler's name) is ignored.
 

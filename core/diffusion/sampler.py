@@ -8,7 +8,7 @@ which is also how the stock pipeline treats a list of generators); no safety che
 guidance rescale or callbacks. With the same prompts, seeds and settings the final images are
 bit-identical on CPU to the stock call with a `DDIMScheduler` (tested).
 
-A `Trajectory` round-trips through safetensors: latents as float16 (the storage format workers
+A `TrajectoryLatents` round-trips through safetensors: latents as float16 (the storage format workers
 write to the blob store), log-probs float32, timesteps int64, everything else as JSON metadata. The
 metadata also carries a sha256 of the rest of the header and of the tensor bytes, so a flipped byte
 in a stored trajectory is refused when it is read back (`TrajectoryCorrupt`) instead of being trained
@@ -177,7 +177,7 @@ def image_size(pipe: Pipeline, settings: SamplerSettings) -> tuple[int, int]:
 
 
 @dataclass
-class Trajectory:
+class TrajectoryLatents:
     """One sampled trajectory: every latent, its timesteps, per-step log-probs and how it was drawn."""
 
     prompt: str
@@ -208,7 +208,7 @@ class Trajectory:
         return st_save(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, name: str = "trajectory file") -> Trajectory:
+    def from_bytes(cls, data: bytes, *, name: str = "trajectory file") -> TrajectoryLatents:
         """Read `to_bytes` output back; `name` (e.g. the blob key) goes into the errors."""
         try:
             tensors = st_load(data)
@@ -239,7 +239,7 @@ class Trajectory:
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | Path) -> Trajectory:
+    def load(cls, path: str | Path) -> TrajectoryLatents:
         return cls.from_bytes(Path(path).read_bytes())
 
 
@@ -268,8 +268,8 @@ class TrajectoryBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def trajectory(self, i: int) -> Trajectory:
-        return Trajectory(
+    def trajectory(self, i: int) -> TrajectoryLatents:
+        return TrajectoryLatents(
             self.prompts[i], self.seeds[i], self.latents[i], self.timesteps, self.log_probs[i], self.settings
         )
 

@@ -21,7 +21,7 @@ from app.main import create_app
 from core.db import make_engine, make_session_factory
 from core.db.models import Judgement, Pair, PolicyVersion, TrainingRound, Trajectory
 from core.diffusion.ddim import ddim_schedule
-from core.diffusion.sampler import Trajectory as StoredTrajectory
+from core.diffusion.sampler import TrajectoryLatents
 from core.settings import SamplerConfig, Settings
 from core.storage import LocalBlobStore
 from tests.core.diffusion.test_direction import trajectory_log_ratios
@@ -40,7 +40,7 @@ def small(settings: Settings) -> Settings:
     return settings.model_copy(update={"sampler": sampler})
 
 
-def judged_pairs(settings: Settings) -> list[tuple[StoredTrajectory, StoredTrajectory]]:
+def judged_pairs(settings: Settings) -> list[tuple[TrajectoryLatents, TrajectoryLatents]]:
     """(winner, loser) of every judged pair, as the labeller chose, loaded from the blob store."""
     blobs = LocalBlobStore(settings.blob_dir)
     with make_session_factory(make_engine(settings.database_url))() as session:
@@ -55,14 +55,14 @@ def judged_pairs(settings: Settings) -> list[tuple[StoredTrajectory, StoredTraje
             assert choice in ("a", "b") and winner.latents_key and loser.latents_key
             out.append(
                 (
-                    StoredTrajectory.from_bytes(blobs.get(winner.latents_key)),
-                    StoredTrajectory.from_bytes(blobs.get(loser.latents_key)),
+                    TrajectoryLatents.from_bytes(blobs.get(winner.latents_key)),
+                    TrajectoryLatents.from_bytes(blobs.get(loser.latents_key)),
                 )
             )
     return out
 
 
-def mean_margin(policy: Any, pairs: list[tuple[StoredTrajectory, StoredTrajectory]]) -> torch.Tensor:
+def mean_margin(policy: Any, pairs: list[tuple[TrajectoryLatents, TrajectoryLatents]]) -> torch.Tensor:
     """Per pair: mean over all steps of the winner's log-ratio minus the loser's. (pairs,)"""
     settings = pairs[0][0].settings
     schedule = ddim_schedule(policy.pipe.scheduler, settings.num_steps)

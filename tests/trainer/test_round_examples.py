@@ -14,7 +14,7 @@ from core.db.training import PreferencePair
 from core.diffusion.ddim import ddim_schedule
 from core.diffusion.models import load_pipeline
 from core.diffusion.policy import LoraSettings, Policy
-from core.diffusion.sampler import SamplerSettings, Trajectory, encode_prompts, sample_trajectories
+from core.diffusion.sampler import SamplerSettings, TrajectoryLatents, encode_prompts, sample_trajectories
 from core.diffusion.training import ReferenceCache, make_optimizer, train_step
 from core.settings import DpoConfig
 from core.storage import LocalBlobStore
@@ -42,7 +42,7 @@ def round_pairs(tmp_path: Path) -> tuple[Policy, CountingBlobs, list[PreferenceP
     prompts = [p for p in PROMPTS for _ in "ab"]
     sampled = sample_trajectories(policy.pipe, prompts, list(range(6)), SETTINGS)
     for i, prompt in enumerate(prompts):
-        trajectory = Trajectory(
+        trajectory = TrajectoryLatents(
             prompt, i, sampled.latents[i], sampled.timesteps, sampled.log_probs[i], SETTINGS
         )
         blobs.put(f"latents/{i}", trajectory.to_bytes())
@@ -107,4 +107,4 @@ def test_beyond_the_memory_limit_a_round_reads_its_pairs_per_batch(round_pairs: 
 
 
 def blobs_latents(blobs: LocalBlobStore, i: int) -> torch.Tensor:
-    return Trajectory.from_bytes(LocalBlobStore.get(blobs, f"latents/{i}")).latents
+    return TrajectoryLatents.from_bytes(LocalBlobStore.get(blobs, f"latents/{i}")).latents

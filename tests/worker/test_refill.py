@@ -105,7 +105,7 @@ def test_a_batched_job_draws_the_same_images_as_one_pair_jobs(loop_settings):
     together = batched.sample_pairs([1, 2])
     assert len(set(singles + together)) == 4
     from core.db.models import Trajectory
-    from core.diffusion.sampler import Trajectory as Recorded
+    from core.diffusion.sampler import TrajectoryLatents
     from core.storage import LocalBlobStore
 
     blobs = LocalBlobStore(loop_settings.blob_dir)
@@ -118,7 +118,11 @@ def test_a_batched_job_draws_the_same_images_as_one_pair_jobs(loop_settings):
                 session.get(Trajectory, pair.trajectory_a_id),
                 session.get(Trajectory, pair.trajectory_b_id),
             ]
-            return [Recorded.from_bytes(blobs.get(row.latents_key)).latents.float() for row in rows if row]
+            return [
+                TrajectoryLatents.from_bytes(blobs.get(row.latents_key)).latents.float()
+                for row in rows
+                if row
+            ]
 
         for single, batch in zip(singles, together, strict=True):
             a, b = latents(single), latents(batch)

@@ -5,7 +5,7 @@ import torch
 from core.diffusion.ddim import ddim_schedule, ddim_step_mean, gaussian_log_prob
 from core.diffusion.sampler import (
     SamplerSettings,
-    Trajectory,
+    TrajectoryLatents,
     encode_prompts,
     guided_noise,
     sample_trajectories,
@@ -60,7 +60,7 @@ def test_trajectory_round_trips_through_safetensors(make_pipe, settings, tmp_pat
     batch = sample_trajectories(pipe, ["un chat très mignon 🐱"], [5], settings)
     original = batch.trajectory(0)
     original.save(tmp_path / "t.safetensors")
-    loaded = Trajectory.load(tmp_path / "t.safetensors")
+    loaded = TrajectoryLatents.load(tmp_path / "t.safetensors")
     assert loaded.prompt == "un chat très mignon 🐱" and loaded.seed == 5
     assert loaded.settings == settings
     assert loaded.latents.dtype == torch.float16
@@ -82,4 +82,4 @@ def test_bad_sampler_input_is_refused(make_pipe):
     with pytest.raises(ValueError, match="not a DenseAlign trajectory"):
         from safetensors.torch import save
 
-        Trajectory.from_bytes(save({"x": torch.zeros(1)}))
+        TrajectoryLatents.from_bytes(save({"x": torch.zeros(1)}))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from core.diffusion.sampler import SamplerSettings, Trajectory, TrajectoryCorrupt
+from core.diffusion.sampler import SamplerSettings, TrajectoryCorrupt, TrajectoryLatents
 
 
-def trajectory() -> Trajectory:
+def trajectory() -> TrajectoryLatents:
     g = torch.Generator().manual_seed(0)
-    return Trajectory(
+    return TrajectoryLatents(
         prompt="a red circle above a blue square",
         seed=12345,
         latents=torch.randn(4, 4, 4, 4, generator=g),
@@ -24,7 +24,7 @@ def trajectory() -> Trajectory:
     )
 
 
-def same(a: Trajectory, b: Trajectory) -> bool:
+def same(a: TrajectoryLatents, b: TrajectoryLatents) -> bool:
     return (
         (a.prompt, a.seed, a.settings, a.extra) == (b.prompt, b.seed, b.settings, b.extra)
         and torch.equal(a.latents, b.latents)
@@ -35,13 +35,13 @@ def same(a: Trajectory, b: Trajectory) -> bool:
 
 def test_every_flipped_bit_is_refused_or_changes_nothing():
     data = trajectory().to_bytes()
-    original = Trajectory.from_bytes(data)
+    original = TrajectoryLatents.from_bytes(data)
     refused = 0
     for position in range(len(data)):
         flipped = bytearray(data)
         flipped[position] ^= 0x01
         try:
-            loaded = Trajectory.from_bytes(bytes(flipped), name="blob 'x'")
+            loaded = TrajectoryLatents.from_bytes(bytes(flipped), name="blob 'x'")
         except ValueError:
             refused += 1
             continue
@@ -56,10 +56,10 @@ def test_a_flipped_latent_names_the_blob_and_the_fix():
     with pytest.raises(
         TrajectoryCorrupt, match=r"blob 'trajectories/v0/x' is corrupt: its bytes do not match the sha256"
     ):
-        Trajectory.from_bytes(bytes(data), name="blob 'trajectories/v0/x'")
+        TrajectoryLatents.from_bytes(bytes(data), name="blob 'trajectories/v0/x'")
     data[:8] = (10**9).to_bytes(8, "little")  # a header length past the end of the file
     with pytest.raises(TrajectoryCorrupt, match="does not parse as safetensors"):
-        Trajectory.from_bytes(bytes(data))
+        TrajectoryLatents.from_bytes(bytes(data))
 
 
 def test_a_trajectory_written_before_the_checksum_still_loads():
@@ -73,5 +73,5 @@ def test_a_trajectory_written_before_the_checksum_still_loads():
         "extra": "{}",
     }
     tensors = {"latents": t.latents.half(), "timesteps": t.timesteps, "log_probs": t.log_probs}
-    loaded = Trajectory.from_bytes(save(tensors, metadata=metadata))
-    assert same(loaded, Trajectory.from_bytes(t.to_bytes()))
+    loaded = TrajectoryLatents.from_bytes(save(tensors, metadata=metadata))
+    assert same(loaded, TrajectoryLatents.from_bytes(t.to_bytes()))
