@@ -36,7 +36,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_HEADER = "X-CSRF-Token"
 # Seconds a labeller row is served from the cache: the longest another process's deactivation, role
 # change or logout can go unseen here (README, Security). A module constant, not a setting, on purpose.
-TOKEN_CACHE_SECONDS = 600.0
+TOKEN_CACHE_SECONDS = 5.0
 # Beyond this many cached rows the expired ones are dropped, so memory stays bounded.
 MAX_CACHED = 10_000
 _COLUMNS = tuple(column.key for column in Labeller.__table__.columns)
