@@ -56,7 +56,7 @@ from core.queue import QUEUE_NAME, RqSamplingQueue  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from trainer.main import build_trainer  # noqa: E402
 from worker.main import build_sampler, start_refill_tick  # noqa: E402
-from worker.sampling import Sampler, install  # noqa: E402
+from worker.sampling import PairSampler, install  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     add_prompt(session=session, text=prompt)
                 token = create_labeller(session=session, name="bench-oracle").token
             sampler = build_sampler(settings)
-            assert isinstance(sampler, Sampler)
+            assert isinstance(sampler, PairSampler)
             install(sampler)
             queue = RqSamplingQueue(redis)
             worker = CountingWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis)

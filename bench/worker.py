@@ -5,7 +5,7 @@ Prints the figures and writes them to bench/results/worker.json (or --out). In o
 CPU thread (`torch.set_num_threads(1)`, so the figures do not depend on what else the machine runs):
 1. three warm sides on the same model, prompts, seeds and steps, each a whole job of
    --pairs-per-job pairs (2x as many images in one batch):
-   - `fused`: the worker's real path, `Sampler.sample_pairs` of a worker built as `build_sampler`
+   - `fused`: the worker's real path, `PairSampler.sample_pairs` of a worker built as `build_sampler`
      builds it (`DENSEALIGN_SAMPLER__FUSE_ADAPTER` on), at policy version 1, whose adapter it
      swapped in from the blob store as it does for any new version: read the current version from
      Postgres, sample, write latents and PNGs, insert the rows;
@@ -17,7 +17,7 @@ CPU thread (`torch.set_num_threads(1)`, so the figures do not depend on what els
    the sides alternate, in a rotating order, for --repeats rounds after one warm-up round each;
    each job's CPU time (`time.process_time`: this process only, so Postgres' share is left out)
    and wall time are kept, and images/s is images / median seconds;
-2. the swap a worker makes when the current version changes (`Sampler.load_version`: read the
+2. the swap a worker makes when the current version changes (`PairSampler.load_version`: read the
    adapter blob, check its sha256, hot-swap, and for `fused` write W0 + scale * B @ A), version
    0 -> 1 and 1 -> 0, median of --swaps each, fused and unfused.
 
@@ -56,7 +56,7 @@ from core.diffusion.models import load_pipeline  # noqa: E402
 from core.diffusion.sampler import sample_trajectories  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from worker.main import build_sampler  # noqa: E402
-from worker.sampling import Sampler  # noqa: E402
+from worker.sampling import PairSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -71,7 +71,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def publish_version_1(sampler: Sampler, blob_dir: Path) -> None:
+def publish_version_1(sampler: PairSampler, blob_dir: Path) -> None:
     """A version-1 adapter the size a few DPO steps leave (B ~ N(0, 0.05)), made current."""
     torch.manual_seed(0)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def publish_version_1(sampler: Sampler, blob_dir: Path) -> None:
         )
 
 
-def swap_times(sampler: Sampler, rows: dict[int, PolicyVersion], n: int) -> dict[str, float]:
+def swap_times(sampler: PairSampler, rows: dict[int, PolicyVersion], n: int) -> dict[str, float]:
     """Median ms of `load_version` 0 -> 1 and 1 -> 0 (the worker's swap, blob read and sha256 check
     included), and of `Policy.hot_swap` alone from a state dict in memory (the part fusing adds to)."""
     out: dict[str, list[float]] = {"0->1": [], "1->0": [], "hot_swap_only": []}
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
     with sessions() as session, session.begin():
         publish_policy_version(session=session, version=0)
         prompt_ids = [add_prompt(session=session, text=t).id for t in PROMPTS]
-    workers: dict[str, Sampler] = {}
+    workers: dict[str, PairSampler] = {}
     for name, fuse in (("fused", True), ("unfused", False)):
         sampler_config = base.sampler.model_copy(update={"fuse_adapter": fuse})
         workers[name] = build_sampler(base.model_copy(update={"sampler": sampler_config}))
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
     texts = [PROMPTS[prompt_ids.index(pid)] for pid in job for _ in "ab"]
     settings = workers["fused"].settings
 
-    def worker_job(sampler: Sampler, seed: int) -> Callable[[], Any]:
+    def worker_job(sampler: PairSampler, seed: int) -> Callable[[], Any]:
         def go() -> Any:
             sampler.seed_source = random.Random(seed)
             return sampler.sample_pairs(job)
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
         source = random.Random(seed)  # the seeds the worker draws from the same source, in its order
         return [source.getrandbits(63) for _ in range(images)]
 
-    def sampling_only(sampler: Sampler, seed: int) -> Callable[[], Any]:
+    def sampling_only(sampler: PairSampler, seed: int) -> Callable[[], Any]:
         return lambda: sample_trajectories(sampler.policy.pipe, texts, seeds_of(seed), settings).pil_images()
 
     def stock_job(seed: int) -> Callable[[], Any]:

@@ -1,7 +1,7 @@
 """Does discounting help? Run the online loop unattended for a label budget and score each version.
 
 Each cell of the grid (settings x seed) runs the real loop, in-process and synchronously so that it
-is reproducible: the sampling worker (`worker.sampling.Sampler`, seeds drawn from the cell's seed),
+is reproducible: the sampling worker (`worker.sampling.PairSampler`, seeds drawn from the cell's seed),
 a programmatic labeller going through the REST API (`densealign.labeller.label_loop` on the FastAPI app),
 and the trainer (`trainer.rounds.Trainer`), on a fresh SQLite database with the shipped shapes
 model. After every round the new version is scored by the judge on fixed held-out seeds, for the

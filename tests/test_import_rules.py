@@ -151,7 +151,7 @@ def test_no_module_cycle() -> None:
         ("core/queue.py", "import densealign.cli", "core.queue imports densealign.cli"),
         ("app/deps.py", "from core.diffusion.policy import Policy", "must not import core.diffusion"),
         ("app/routes/pairs.py", "import torch", "must not import torch"),
-        ("trainer/rounds.py", "from worker.sampling import Sampler", "trainer may import only"),
+        ("trainer/rounds.py", "from worker.sampling import PairSampler", "trainer may import only"),
         ("worker/sampling.py", "from trainer.rounds import Trainer", "worker may import only"),
     ],
 )

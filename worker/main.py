@@ -31,13 +31,13 @@ from core.sweep import sweep_orphans
 from worker.runner import serve_until_stopped
 
 if TYPE_CHECKING:  # the model code (torch) is imported once the process can stop on SIGTERM
-    from worker.sampling import Sampler
+    from worker.sampling import PairSampler
 
 logger = logging.getLogger("densealign.worker")
 SWEEP_SECONDS = 600.0  # how often a worker looks for blobs of killed jobs
 
 
-def build_sampler(settings: Settings) -> Sampler:
+def build_sampler(settings: Settings) -> PairSampler:
     """Load the base model and adapter, and check they fit the current published version.
 
     The adapter is fused into the base weights for sampling unless `sampler.fuse_adapter` is off
@@ -45,13 +45,13 @@ def build_sampler(settings: Settings) -> Sampler:
     """
     from core.diffusion.policy import policy_from_config
     from core.diffusion.sampler import SamplerSettings
-    from worker.sampling import OverlapPolicy, Sampler
+    from worker.sampling import OverlapPolicy, PairSampler
 
     size = settings.sampler.image_size
     policy = policy_from_config(settings.model)
     if settings.sampler.fuse_adapter:
         policy.fuse()
-    sampler = Sampler(
+    sampler = PairSampler(
         policy=policy,
         settings=SamplerSettings(
             num_steps=settings.sampler.num_steps,
@@ -112,7 +112,7 @@ def _exit_now(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def start(settings: Settings) -> tuple[Sampler, Redis, Heartbeat]:
+def start(settings: Settings) -> tuple[PairSampler, Redis, Heartbeat]:
     """Load the model and check it against the current version, reach Redis, start the heartbeat.
     Raises SettingsError with one line to fix on bad settings."""
     from core.diffusion.models import ModelNotFoundError

@@ -1,6 +1,6 @@
 """What a sampling worker does for one job: follow the current policy, sample a pair, store it.
 
-`Sampler` holds the preloaded policy (pipeline + LoRA adapter), the database session factory and
+`PairSampler` holds the preloaded policy (pipeline + LoRA adapter), the database session factory and
 the blob store. For each `sample_pairs(prompt_ids)` job it:
 1. reads the current policy version from Postgres (the truth) and, if it changed, hot-swaps that
    version's adapter in place (version 0 = the base model: the adapter is zeroed);
@@ -61,7 +61,7 @@ class OverlapPolicy:
 
 
 @dataclass
-class Sampler:
+class PairSampler:
     policy: Policy
     settings: SamplerSettings
     sessions: sessionmaker[Session]
@@ -320,16 +320,16 @@ def reproduction_record(
     }
 
 
-_CURRENT: Sampler | None = None
+_CURRENT: PairSampler | None = None
 
 
-def install(sampler: Sampler) -> None:
+def install(sampler: PairSampler) -> None:
     """Make `sampler` the one RQ jobs in this process use (set once by the worker's entry point)."""
     global _CURRENT
     _CURRENT = sampler
 
 
-def current() -> Sampler:
+def current() -> PairSampler:
     if _CURRENT is None:
         raise RuntimeError("no sampler installed in this process: start workers with `densealign worker`")
     return _CURRENT

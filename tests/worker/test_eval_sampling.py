@@ -1,4 +1,4 @@
-"""Workers sample evaluation pairs through their real path (refill -> RQ job -> Sampler) on the tiny
+"""Workers sample evaluation pairs through their real path (refill -> RQ job -> PairSampler) on the tiny
 model: each side with its pinned version, both from one seed, so the policy is the only difference."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from core.pool import refill_pool
 from core.queue import QUEUE_NAME, RqSamplingQueue
 from core.settings import Settings
 from worker.main import build_sampler
-from worker.sampling import Sampler, install
+from worker.sampling import PairSampler, install
 
 
-def publish_random_adapter(sampler: Sampler, settings: Settings, tmp_path: Any) -> None:
+def publish_random_adapter(sampler: PairSampler, settings: Settings, tmp_path: Any) -> None:
     """Version 1: random LoRA weights large enough to change the images; the worker's own adapter is
     zeroed again afterwards (it samples version 0 until told otherwise)."""
     policy = sampler.policy
@@ -40,7 +40,7 @@ def publish_random_adapter(sampler: Sampler, settings: Settings, tmp_path: Any) 
         )
 
 
-def eval_images(sampler: Sampler, pair_ids: list[int]) -> list[dict[int, bytes]]:
+def eval_images(sampler: PairSampler, pair_ids: list[int]) -> list[dict[int, bytes]]:
     """Per pair: version -> PNG bytes of its side."""
     out = []
     with sampler.sessions() as session:
@@ -68,7 +68,7 @@ def test_eval_jobs_pin_each_side_and_share_the_noise(
             add_prompt(session=session, text=t, split="eval").id for t in ("a red circle", "a blue square")
         ]
     sampler = build_sampler(loop_settings)
-    assert isinstance(sampler, Sampler)
+    assert isinstance(sampler, PairSampler)
     install(sampler)
     publish_random_adapter(sampler, loop_settings, tmp_path)
 

@@ -1,5 +1,5 @@
 """Workers sample with the adapter fused by default (`DENSEALIGN_SAMPLER__FUSE_ADAPTER`): through their
-real path (`build_sampler`, `Sampler`) on the tiny model, against Postgres.
+real path (`build_sampler`, `PairSampler`) on the tiny model, against Postgres.
 
 - an evaluation job swaps to each side's version and back: run twice from the same seeds, it gives
   the same PNGs both times, and version 0's side is the unfused worker's bit for bit (W0 itself);
@@ -27,12 +27,12 @@ from core.db.prompts import add_prompt
 from core.diffusion.models import load_pipeline
 from core.settings import Settings
 from worker.main import build_sampler
-from worker.sampling import Sampler
+from worker.sampling import PairSampler
 
 PROMPTS = ("a red circle", "a blue square")
 
 
-def publish_adapter(sampler: Sampler, tmp_path: Any) -> None:
+def publish_adapter(sampler: PairSampler, tmp_path: Any) -> None:
     """Version 1: small random LoRA weights (the size a few DPO steps leave) that change the images."""
     torch.manual_seed(0)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def publish_adapter(sampler: Sampler, tmp_path: Any) -> None:
         )
 
 
-def eval_sides(sampler: Sampler, pair_ids: list[int]) -> list[dict[int, Trajectory]]:
+def eval_sides(sampler: PairSampler, pair_ids: list[int]) -> list[dict[int, Trajectory]]:
     """Per pair: version -> its side's trajectory row."""
     with sampler.sessions() as session:
         out = []
@@ -60,7 +60,7 @@ def eval_sides(sampler: Sampler, pair_ids: list[int]) -> list[dict[int, Trajecto
     return out
 
 
-def png(sampler: Sampler, trajectory: Trajectory) -> np.ndarray:
+def png(sampler: PairSampler, trajectory: Trajectory) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(sampler.blobs.get(trajectory.image_key))).convert("RGB"))
 
 
@@ -76,7 +76,7 @@ def test_fused_workers_swap_both_ways_exactly_and_stock_fuse_lora_redraws_them(
         update={"sampler": loop_settings.sampler.model_copy(update={"fuse_adapter": False})}
     )
     unfused = build_sampler(unfused_settings)
-    assert isinstance(fused, Sampler) and isinstance(unfused, Sampler)
+    assert isinstance(fused, PairSampler) and isinstance(unfused, PairSampler)
     assert fused.policy.fused and not unfused.policy.fused
     publish_adapter(fused, tmp_path)
     with sessions() as session, session.begin():

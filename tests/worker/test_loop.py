@@ -29,7 +29,7 @@ from core.settings import Settings
 from trainer.export import main as export_main
 from trainer.main import build_trainer
 from worker.main import build_sampler
-from worker.sampling import Sampler, install
+from worker.sampling import PairSampler, install
 
 PROMPTS = ["a red circle above a blue square", "a green triangle"]
 
@@ -96,7 +96,7 @@ def test_online_loop_end_to_end(
     settings = loop_settings
     token = seed_database(settings)
     sampler = build_sampler(settings)
-    assert isinstance(sampler, Sampler)
+    assert isinstance(sampler, PairSampler)
     install(sampler)
     sessions = make_session_factory(make_engine(settings.database_url))
 

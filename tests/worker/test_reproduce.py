@@ -1,7 +1,7 @@
 """The sampling record `GET /api/v1/pairs/{id}` serves redraws a worker's images in a stock diffusers
 pipeline, on CPU, with the model that ships (models/densealign-shapes).
 
-The worker runs its real path (refill, RQ job, `Sampler.sample_pairs`) against Postgres and Redis,
+The worker runs its real path (refill, RQ job, `PairSampler.sample_pairs`) against Postgres and Redis,
 once with one pair per job (a batch of 2) and once with the default 8 pairs per job (a batch of
 16). The stock side uses only diffusers, torch and the JSON the API returned:
 - each job's (prompt, seed)s in one stock call, in the job's order, must give the served PNGs
@@ -43,7 +43,7 @@ from core.pool import refill_pool
 from core.queue import QUEUE_NAME, RqSamplingQueue
 from core.settings import Settings
 from worker.main import build_sampler
-from worker.sampling import Sampler, install
+from worker.sampling import PairSampler, install
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "models" / "densealign-shapes"
@@ -66,7 +66,7 @@ def sample_with_the_worker(settings: Settings, redis: Any) -> list[int]:
         for text in PROMPTS:
             add_prompt(session=session, text=text)
     sampler = build_sampler(settings)
-    assert isinstance(sampler, Sampler)
+    assert isinstance(sampler, PairSampler)
     install(sampler)
     with sessions() as session:
         queued = refill_pool(
