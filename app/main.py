@@ -19,9 +19,9 @@ from app.responses import DB_DOWN, INVALID, Responses
 from app.routes import (
     admin,
     admin_evaluations,
+    dataset,
     docs,
     evaluations,
-    export,
     health,
     judgements,
     labellers,
@@ -93,7 +93,7 @@ def create_app(
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders)  # added last, so it wraps the others: their 413s get headers too
-    for module in (health, prompts, pairs, judgements, policies, evaluations, stats, export, labellers):
+    for module in (health, prompts, pairs, judgements, policies, evaluations, stats, dataset, labellers):
         app.include_router(module.router, prefix=API_PREFIX, responses=API_RESPONSES)
     app.include_router(docs.router, prefix=API_PREFIX)
     app.include_router(pages.router)

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy.orm import Session
 
 from core.db.assignment import next_pair
+from core.db.dataset import iter_judged_pairs
 from core.db.engine import make_engine, make_session_factory
 from core.db.errors import PairNotLeased
-from core.db.export import iter_judged_pairs
 from core.db.judgements import record_judgement, undo_judgement
 from core.db.labellers import create_labeller
 from core.db.pairs import create_pair, create_trajectory

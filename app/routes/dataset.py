@@ -8,9 +8,9 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentAdmin, SessionDep, SettingsDep
 from app.responses import ADMIN, BEARER
-from core.db.export import iter_judged_pairs
+from core.db.dataset import iter_judged_pairs
 
-router = APIRouter(tags=["export"], dependencies=[BEARER])
+router = APIRouter(tags=["dataset"], dependencies=[BEARER])
 
 
 @router.get(

@@ -1,4 +1,5 @@
-"""Judged pairs as flat rows for preference-data tools (one JSON object per judgement).
+"""The judgement dataset: judged pairs as flat rows for preference-data tools (one JSON object per
+judgement), served by `GET /api/v1/export`. (Not the adapter export: that is `densealign export`.)
 
 Each row carries, per side a/b, the trajectory id, its seed and its sampler record (the settings, the
 scheduler with its config and the base model, as the worker recorded them: see worker/sampling.py),
