@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.charts import bar_chart, line_chart
 from app.deps import SessionDep, SettingsDep, check_csrf, cookie_labeller
-from app.errors import status_for
+from app.errors import LoginRequired, status_for
 from app.routes.evaluations import evaluation_panel
 from app.routes.labellers import invite_url
 from app.routes.pages import render
@@ -29,20 +29,28 @@ router = APIRouter(prefix="/admin", include_in_schema=False)
 CsrfField = Annotated[str | None, Form(alias="csrf")]
 
 
-def admin_or_redirect(request: Request, session: SessionDep) -> Labeller | Response:
+def admin_page(request: Request, session: SessionDep) -> Labeller:
+    """The signed-in admin; without a session the browser goes to the login page (`LoginRequired`)."""
     labeller = cookie_labeller(request, session)
     if labeller is None:
-        return RedirectResponse("/login", status_code=303)
+        raise LoginRequired
     if labeller.role != "admin":
         raise HTTPException(status_code=403, detail=f"labeller {labeller.name!r} is not an admin")
     return labeller
 
 
+def admin_form(request: Request, session: SessionDep, csrf: CsrfField = None) -> Labeller:
+    """The signed-in admin posting a form of ours: its CSRF token is checked first."""
+    check_csrf(request, csrf)
+    return admin_page(request, session)
+
+
+AdminPage = Annotated[Labeller, Depends(admin_page)]
+AdminForm = Annotated[Labeller, Depends(admin_form)]
+
+
 @router.get("")
-def dashboard(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    admin = admin_or_redirect(request, session)
-    if isinstance(admin, Response):
-        return admin
+def dashboard(request: Request, session: SessionDep, settings: SettingsDep, admin: AdminPage) -> Response:
     stats = collect_stats(session)
     processes = process_statuses(session=session, max_age=heartbeat_max_age(settings.heartbeat_seconds))
     backlog = sampler_backlog(
@@ -86,20 +94,17 @@ def _is_number(value: object) -> bool:
 
 @router.post("/policies/current")
 def rollback(
-    request: Request, session: SessionDep, version: Annotated[int, Form()], csrf: CsrfField = None
+    request: Request, session: SessionDep, version: Annotated[int, Form()], admin: AdminForm
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     set_current_policy(session=session, version=version)
     session.commit()
     return RedirectResponse("/admin", status_code=303)
 
 
 @router.get("/prompts")
-def prompts_page(request: Request, session: SessionDep, error: str | None = None) -> Response:
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
+def prompts_page(
+    request: Request, session: SessionDep, admin: AdminPage, error: str | None = None
+) -> Response:
     rows = list_prompts(session=session, limit=1000)
     return render(request, "admin/prompts.html", labeller=admin, prompts=rows, error=error)
 
@@ -108,13 +113,10 @@ def prompts_page(request: Request, session: SessionDep, error: str | None = None
 def add_prompt_form(
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     text: Annotated[str, Form()] = "",
     split: Annotated[str, Form()] = "train",
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     try:
         add_prompt(session=session, text=text, split=split)
     except DomainError as exc:
@@ -127,13 +129,10 @@ def add_prompt_form(
 async def import_prompts_form(
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     file: UploadFile,
     split: Annotated[str, Form()] = "train",
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     try:
         lines = (await file.read()).decode("utf-8").splitlines()
         import_prompts(session=session, lines=lines, split=split)
@@ -152,12 +151,9 @@ def toggle_prompt(
     prompt_id: IdPath,
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     active: Annotated[bool, Form()],
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     update_prompt(session=session, prompt_id=prompt_id, active=active)
     session.commit()
     return RedirectResponse("/admin/prompts", status_code=303)
@@ -170,9 +166,7 @@ def _prompts_error(request: Request, session: SessionDep, admin: Labeller, messa
 
 
 @router.get("/labellers")
-def labellers_page(request: Request, session: SessionDep) -> Response:
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
+def labellers_page(request: Request, session: SessionDep, admin: AdminPage) -> Response:
     return _labellers(request, session, admin)
 
 
@@ -201,14 +195,11 @@ def _labellers(
 def invite_form(
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     settings: SettingsDep,
     name: Annotated[str, Form()] = "",
     role: Annotated[str, Form()] = "annotator",
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     if not name.strip():
         return _labellers(request, session, admin, error="give the new labeller a name")
     try:
@@ -231,12 +222,9 @@ def toggle_labeller(
     labeller_id: IdPath,
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     active: Annotated[bool, Form()],
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     try:
         update_labeller(session=session, labeller_id=labeller_id, active=active, acting_id=admin.id)
     except DomainError as exc:

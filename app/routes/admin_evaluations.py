@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from app.deps import SessionDep, check_csrf
+from app.deps import SessionDep
 from app.errors import status_for
-from app.routes.admin import CsrfField, admin_or_redirect
+from app.routes.admin import AdminForm
 from app.routes.pages import render
 from core.db.campaigns import start_campaign, stop_campaign
 from core.db.errors import DomainError
@@ -21,15 +21,12 @@ router = APIRouter(prefix="/admin/evaluations", include_in_schema=False)
 def start_form(
     request: Request,
     session: SessionDep,
+    admin: AdminForm,
     version: Annotated[int, Form(ge=0)],
     baseline_version: Annotated[int, Form(ge=0)] = 0,
     target_votes: Annotated[int, Form(ge=1, le=1_000_000)] = 200,
     prompt_split: Annotated[str, Form()] = "eval",
-    csrf: CsrfField = None,
 ) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
     settings = request.app.state.settings
     try:
         start_campaign(
@@ -49,10 +46,7 @@ def start_form(
 
 
 @router.post("/{campaign_id}/stop")
-def stop_form(request: Request, session: SessionDep, campaign_id: int, csrf: CsrfField = None) -> Response:
-    check_csrf(request, csrf)
-    if isinstance(admin := admin_or_redirect(request, session), Response):
-        return admin
+def stop_form(request: Request, session: SessionDep, campaign_id: int, _: AdminForm) -> Response:
     try:
         stop_campaign(session=session, campaign_id=campaign_id)
     except DomainError as exc:
