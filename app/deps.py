@@ -3,7 +3,8 @@
 They are `async def` so that FastAPI runs them on the event loop: a plain `def` dependency costs a
 hop to the thread pool and back (with a sync generator, two), which was most of a request's CPU.
 Only work that may wait on the database goes to the thread pool: closing a session that still holds
-a connection, and looking up a labeller the cache does not have. Routes stay plain `def`.
+a connection, and looking up a labeller the cache does not have (in its own short transaction, so no
+connection is held while the request waits for a thread for its route). Routes stay plain `def`.
 
 The current labeller's row comes from a small in-process cache (`LabellerCache`, one per app, by
 token hash and by id) for TOKEN_CACHE_SECONDS, so an annotator's requests do not each spend a
@@ -234,6 +235,15 @@ def _load_by_token(cache: LabellerCache, session: Session, token: str, token_has
     return labeller
 
 
+def _released(session: Session, load: Callable[[], Labeller | None]) -> Labeller | None:
+    """Run a cache-miss lookup, then end its read-only transaction (nothing is written; loaded rows
+    stay loaded): the request now waits for a worker thread for its route, and must not hold a pooled
+    connection meanwhile. Under load, connections held that way starved the pool into 10 s waits."""
+    labeller = load()
+    session.commit()
+    return labeller
+
+
 async def get_current_labeller(request: Request, session: SessionDep) -> Labeller:
     """The labeller behind a bearer token, or behind the session cookie (with CSRF on writes)."""
     header = request.headers.get("authorization")
@@ -243,7 +253,7 @@ async def get_current_labeller(request: Request, session: SessionDep) -> Labelle
             raise _unauthorized("Authorization header must be 'Bearer <token>'")
         cache, token_hash = labeller_cache(request), hash_token(token.strip())
         labeller = cache.by_token(token_hash) or await run_in_threadpool(
-            _load_by_token, cache, session, token.strip(), token_hash
+            _released, session, lambda: _load_by_token(cache, session, token.strip(), token_hash)
         )
         if labeller is None:
             raise _unauthorized(
@@ -256,7 +266,11 @@ async def get_current_labeller(request: Request, session: SessionDep) -> Labelle
     cache = labeller_cache(request)
     cached = cache.by_id(int(labeller_id))
     labeller = _session_holder(
-        request, cached or await run_in_threadpool(_load_labeller, cache, session, int(labeller_id))
+        request,
+        cached
+        or await run_in_threadpool(
+            _released, session, lambda: _load_labeller(cache, session, int(labeller_id))
+        ),
     )
     if labeller is None:
         raise _unauthorized(
