@@ -80,11 +80,11 @@ def seed(engine: Engine, *, pairs: int, judgements: int, versions: int, prompts:
         """UPDATE pairs SET judgement_count = c.n
            FROM (SELECT pair_id, count(*) AS n FROM judgements GROUP BY pair_id) AS c WHERE c.pair_id = pairs.id""",
         # the second half of the labellers each hold a live lease on one of the newest pairs ...
-        """INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
+        """INSERT INTO leases (pair_id, labeller_id, shown_left, expires_at)
            SELECT :pairs - i, i, 'a', now() + interval '2 minutes'
            FROM generate_series(:labellers / 2 + 1, :labellers) i""",
         # ... and as many leases have expired
-        """INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
+        """INSERT INTO leases (pair_id, labeller_id, shown_left, expires_at)
            SELECT :pairs - :labellers - i, i, 'b', now() - interval '1 minute'
            FROM generate_series(:labellers / 2 + 1, :labellers) i""",
     ]

@@ -489,7 +489,7 @@ class Trainer:
                 status="done",
                 produced_version=version,
                 pairs_used=metrics["pairs_used"],
-                judgements_used=metrics["labels_used"],
+                votes_used=metrics["labels_used"],
                 metrics=metrics,
             )
         logger.info(

@@ -45,7 +45,7 @@ def image_url(request: Request, pair_id: int, side: str) -> str:
 
 
 def assignment_public(request: Request, assignment: Assignment) -> PairAssignmentPublic:
-    left = assignment.left_side
+    left = assignment.shown_left
     right = "b" if left == "a" else "a"
     pair_id = assignment.pair.id
     return PairAssignmentPublic(

@@ -51,7 +51,7 @@ CANDIDATES_PER_TRY = 16
 # one-time "nothing held" filter; `candidate` takes the preferred kind's (:eval_first) and falls back
 # to the other's, scanning it only when needed (and evaluation pairs only when :eval_allowed).
 # `claimed` is the guarded upsert. The last UNION branch reports a candidate whose claim lost a race
-# (left_side NULL), so the caller can try again without it.
+# (shown_left NULL), so the caller can try again without it.
 _CANDIDATE = """\
     SELECT pairs.id FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id {campaign_join}
     WHERE NOT EXISTS (SELECT 1 FROM held)
@@ -72,7 +72,7 @@ WITH held AS (
     ORDER BY leases.id LIMIT 1
 ), renewed AS (
     UPDATE leases SET expires_at = :expires FROM held WHERE leases.id = held.id
-    RETURNING leases.pair_id, leases.left_side
+    RETURNING leases.pair_id, leases.shown_left
 ), train_candidate AS (
 {_CANDIDATE.format(campaign_join="", kind="train")}
 ), eval_candidate AS (
@@ -88,20 +88,20 @@ WITH held AS (
     UNION ALL SELECT id FROM eval_candidate
               WHERE NOT :eval_first AND :eval_allowed AND NOT EXISTS (SELECT 1 FROM train_candidate)
 ), claimed AS (
-    INSERT INTO leases (pair_id, labeller_id, left_side, expires_at)
-    SELECT candidate.id, :labeller_id, :left_side, :expires FROM candidate
+    INSERT INTO leases (pair_id, labeller_id, shown_left, expires_at)
+    SELECT candidate.id, :labeller_id, :shown_left, :expires FROM candidate
     ON CONFLICT (pair_id) DO UPDATE
-        SET labeller_id = excluded.labeller_id, left_side = excluded.left_side, expires_at = excluded.expires_at
+        SET labeller_id = excluded.labeller_id, shown_left = excluded.shown_left, expires_at = excluded.expires_at
         WHERE leases.expires_at <= :now OR leases.labeller_id = :labeller_id
-    RETURNING leases.pair_id, leases.left_side
+    RETURNING leases.pair_id, leases.shown_left
 ), chosen AS (
-    SELECT pair_id, left_side FROM renewed
-    UNION ALL SELECT pair_id, left_side FROM claimed
+    SELECT pair_id, shown_left FROM renewed
+    UNION ALL SELECT pair_id, shown_left FROM claimed
     UNION ALL SELECT candidate.id, NULL FROM candidate WHERE NOT EXISTS (SELECT 1 FROM claimed)
 )
 SELECT {
     ", ".join(f"pairs.{c.name}" for c in Pair.__table__.columns)
-}, prompts.text AS prompt_text, chosen.left_side
+}, prompts.text AS prompt_text, chosen.shown_left
 FROM chosen JOIN pairs ON pairs.id = chosen.pair_id JOIN prompts ON prompts.id = pairs.prompt_id
 """
 _LEASE_OR_CLAIM = (
@@ -113,7 +113,7 @@ _LEASE_OR_CLAIM = (
         bindparam("eval_first", type_=Boolean()),
         bindparam("eval_allowed", type_=Boolean()),
     )
-    .columns(*Pair.__table__.columns, column("prompt_text", Text), column("left_side", String))
+    .columns(*Pair.__table__.columns, column("prompt_text", Text), column("shown_left", String))
 )
 _PAIR_COLUMNS = tuple(c.key for c in Pair.__table__.columns)
 
@@ -122,7 +122,7 @@ _PAIR_COLUMNS = tuple(c.key for c in Pair.__table__.columns)
 class Assignment:
     pair: Pair
     prompt_text: str
-    left_side: str  # 'a' or 'b': which trajectory the labeller sees on the left
+    shown_left: str  # 'a' or 'b': which trajectory the labeller sees on the left
     expires_at: dt.datetime
 
 
@@ -152,16 +152,16 @@ def next_pair(
     eval_first = _kinds_in_order(rng, eval_share)[0] == "eval"
     while True:
         params = {"labeller_id": labeller_id, "now": now, "expires": expires, "exclude": tried}
-        params |= {"eval_first": eval_first, "eval_allowed": eval_share > 0, "left_side": rng.choice("ab")}
+        params |= {"eval_first": eval_first, "eval_allowed": eval_share > 0, "shown_left": rng.choice("ab")}
         # A Core row, not an ORM load: the ORM's per-statement bookkeeping cost more CPU than the
         # rest of the call. The Pair handed back is a transient copy of the row.
         row = session.connection().execute(_LEASE_OR_CLAIM, params).first()
         if row is None:
             return None  # nothing held, no candidate of either kind
-        if row.left_side is not None:
+        if row.shown_left is not None:
             pair = Pair(**{key: getattr(row, key) for key in _PAIR_COLUMNS})
             return Assignment(
-                pair=pair, prompt_text=row.prompt_text, left_side=row.left_side, expires_at=expires
+                pair=pair, prompt_text=row.prompt_text, shown_left=row.shown_left, expires_at=expires
             )
         tried.append(row.id)  # someone claimed it first
 
@@ -186,7 +186,7 @@ def _next_pair_stepwise(
     if held is not None:
         held.expires_at = expires
         session.flush()
-        return _assignment(session, held.pair_id, held.left_side, expires)
+        return _assignment(session, held.pair_id, held.shown_left, expires)
     tried: set[int] = set(exclude)
     for kind in _kinds_in_order(rng, eval_share):
         while True:
@@ -195,9 +195,9 @@ def _next_pair_stepwise(
                 break
             for pair_id in candidates:
                 tried.add(pair_id)
-                left_side = rng.choice(("a", "b"))
-                if _claim(session, pair_id, labeller_id, left_side, expires, now):
-                    return _assignment(session, pair_id, left_side, expires)
+                shown_left = rng.choice(("a", "b"))
+                if _claim(session, pair_id, labeller_id, shown_left, expires, now):
+                    return _assignment(session, pair_id, shown_left, expires)
     return None
 
 
@@ -244,23 +244,23 @@ def _candidates(
 
 
 def _claim(
-    session: Session, pair_id: int, labeller_id: int, left_side: str, expires: dt.datetime, now: dt.datetime
+    session: Session, pair_id: int, labeller_id: int, shown_left: str, expires: dt.datetime, now: dt.datetime
 ) -> bool:
     """Insert or take over the pair's lease row; False when someone else holds it live."""
-    values = {"pair_id": pair_id, "labeller_id": labeller_id, "left_side": left_side, "expires_at": expires}
+    values = {"pair_id": pair_id, "labeller_id": labeller_id, "shown_left": shown_left, "expires_at": expires}
     upsert = sqlite.insert(Lease).values(**values)
     stmt = upsert.on_conflict_do_update(
         index_elements=[Lease.pair_id],
-        set_={"labeller_id": labeller_id, "left_side": left_side, "expires_at": expires},
+        set_={"labeller_id": labeller_id, "shown_left": shown_left, "expires_at": expires},
         where=or_(Lease.expires_at <= now, Lease.labeller_id == labeller_id),
     ).returning(Lease.id)
     return session.execute(stmt).scalar_one_or_none() is not None
 
 
-def _assignment(session: Session, pair_id: int, left_side: str, expires: dt.datetime) -> Assignment:
+def _assignment(session: Session, pair_id: int, shown_left: str, expires: dt.datetime) -> Assignment:
     pair = session.get_one(Pair, pair_id)
     prompt = session.get_one(Prompt, pair.prompt_id)
-    return Assignment(pair=pair, prompt_text=prompt.text, left_side=left_side, expires_at=expires)
+    return Assignment(pair=pair, prompt_text=prompt.text, shown_left=shown_left, expires_at=expires)
 
 
 def lease_for(*, session: Session, pair_id: int, labeller_id: int) -> Lease | None:

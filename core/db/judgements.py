@@ -45,11 +45,11 @@ _JUDGEMENT_COLUMNS = ", ".join(f"judgements.{c.name}" for c in Judgement.__table
 # counted = false, and is taken back by the caller.
 JUDGE = f"""\
 WITH lease AS (
-    SELECT leases.id, leases.left_side FROM leases
+    SELECT leases.id, leases.shown_left FROM leases
     WHERE leases.pair_id = :pair_id AND leases.labeller_id = :labeller_id
 ), judged AS (
     INSERT INTO judgements (pair_id, labeller_id, choice, shown_left, decide_ms, client_key, created_at)
-    SELECT :pair_id, :labeller_id, :choice, lease.left_side, :decide_ms, :client_key, :created_at
+    SELECT :pair_id, :labeller_id, :choice, lease.shown_left, :decide_ms, :client_key, :created_at
     FROM lease JOIN pairs ON pairs.id = :pair_id AND pairs.judgement_count < pairs.required_judgements
     ON CONFLICT DO NOTHING
     RETURNING {_JUDGEMENT_COLUMNS}
@@ -145,7 +145,7 @@ def _record_stepwise(
         pair_id=pair_id,
         labeller_id=labeller_id,
         choice=choice,
-        shown_left=lease.left_side,
+        shown_left=lease.shown_left,
         decide_ms=decide_ms,
         client_key=client_key,
         created_at=utcnow(),
@@ -225,7 +225,7 @@ def undo_judgement(
         raise UndoWindowPassed(judgement_id, window_seconds)
     pair = get_pair(session=session, pair_id=judgement.pair_id)
     expires = now + dt.timedelta(seconds=lease_seconds)
-    left_side = judgement.shown_left
+    shown_left = judgement.shown_left
     lease = session.scalar(select(Lease).where(Lease.pair_id == pair.id).with_for_update())
     if lease is not None and lease.labeller_id != labeller_id and lease.expires_at > now:
         # A pair wanting several judgements may already be in front of someone else.
@@ -234,12 +234,14 @@ def undo_judgement(
     session.flush()
     _count(session, pair.id, -1)
     if lease is None:
-        session.add(Lease(pair_id=pair.id, labeller_id=labeller_id, left_side=left_side, expires_at=expires))
+        session.add(
+            Lease(pair_id=pair.id, labeller_id=labeller_id, shown_left=shown_left, expires_at=expires)
+        )
     else:
-        lease.labeller_id, lease.left_side, lease.expires_at = labeller_id, left_side, expires
+        lease.labeller_id, lease.shown_left, lease.expires_at = labeller_id, shown_left, expires
     session.flush()
     prompt = session.get_one(Prompt, pair.prompt_id)
-    return Assignment(pair=pair, prompt_text=prompt.text, left_side=left_side, expires_at=expires)
+    return Assignment(pair=pair, prompt_text=prompt.text, shown_left=shown_left, expires_at=expires)
 
 
 def last_judgement(*, session: Session, labeller_id: int) -> Judgement | None:

@@ -237,12 +237,12 @@ class Lease(Base):
     """Who a pair is reserved for right now; at most one row per pair, reused when it expires."""
 
     __tablename__ = "leases"
-    __table_args__ = (CheckConstraint(_in("left_side", SIDES), name="left_side"),)
+    __table_args__ = (CheckConstraint(_in("shown_left", SIDES), name="shown_left"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), unique=True)
     labeller_id: Mapped[int] = mapped_column(ForeignKey("labellers.id"), index=True)
-    left_side: Mapped[str] = mapped_column(String(1))
+    shown_left: Mapped[str] = mapped_column(String(1))
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
@@ -255,7 +255,8 @@ class TrainingRound(Base):
     produced_version: Mapped[int | None] = mapped_column(ForeignKey("policy_versions.version"))
     status: Mapped[str] = mapped_column(String(16), default="running")
     pairs_used: Mapped[int] = mapped_column(Integer, default=0)
-    judgements_used: Mapped[int] = mapped_column(Integer, default=0)
+    # a/b/tie votes behind the round's pairs (a skip is a judgement but not a vote)
+    votes_used: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -274,7 +275,7 @@ class TrainingRoundPair(Base):
     round_id: Mapped[int] = mapped_column(ForeignKey("training_rounds.id"), primary_key=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), primary_key=True, index=True)
     winner: Mapped[str] = mapped_column(String(1))
-    judgements: Mapped[int] = mapped_column(Integer)
+    votes: Mapped[int] = mapped_column(Integer)  # the a/b/tie votes that decided it
 
 
 class ProcessHeartbeat(Base):

@@ -155,7 +155,7 @@ def finish_training_round(
     status: str,
     produced_version: int | None = None,
     pairs_used: int = 0,
-    judgements_used: int = 0,
+    votes_used: int = 0,
     metrics: dict[str, Any] | None = None,
 ) -> TrainingRound:
     """Close a round as 'done' (with the version it published) or 'failed'; `metrics` are added to
@@ -172,7 +172,7 @@ def finish_training_round(
     if produced_version is not None:
         get_policy_version(session=session, version=produced_version)
     row.status, row.produced_version = status, produced_version
-    row.pairs_used, row.judgements_used = pairs_used, judgements_used
+    row.pairs_used, row.votes_used = pairs_used, votes_used
     row.metrics, row.finished_at = {**(row.metrics or {}), **(metrics or {})}, utcnow()
     session.flush()
     return row
@@ -217,7 +217,7 @@ def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[Pre
             raise InvalidInput(f"pair {pair_id} is an evaluation pair; rounds train on training pairs only")
         p = by_id[pair_id]
         winner = "a" if p.winner_trajectory_id == traj_a else "b"
-        session.add(TrainingRoundPair(round_id=round_id, pair_id=pair_id, winner=winner, judgements=p.votes))
+        session.add(TrainingRoundPair(round_id=round_id, pair_id=pair_id, winner=winner, votes=p.votes))
     session.flush()
 
 
@@ -231,9 +231,7 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
     winner_id = case((a_won, Pair.trajectory_a_id), else_=Pair.trajectory_b_id)
     loser_id = case((a_won, Pair.trajectory_b_id), else_=Pair.trajectory_a_id)
     rows = session.execute(
-        select(
-            Pair.id, Pair.policy_version, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.judgements
-        )
+        select(Pair.id, Pair.policy_version, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.votes)
         .add_columns(win.id, lose.id, win.latents_key, lose.latents_key, win.sampler, lose.sampler)
         .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)

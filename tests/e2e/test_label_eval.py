@@ -72,15 +72,15 @@ def test_an_eval_pair_is_judged_on_the_page_and_counts_in_its_campaign(
         page.wait_for_selector("#status:has-text('Saved')")
         assert violations == []
     assert left_src is not None and left_src.startswith(f"/api/v1/pairs/{pair_id}/images/")
-    left_side = left_src.rsplit("/", 1)[-1]
+    shown_left = left_src.rsplit("/", 1)[-1]
     engine = make_engine(served.db_url)
     try:
         with make_session_factory(engine)() as session:
             (judgement,) = session.query(Judgement).filter(Judgement.pair_id == pair_id).all()
-            assert (judgement.choice, judgement.shown_left) == (left_side, left_side)
+            assert (judgement.choice, judgement.shown_left) == (shown_left, shown_left)
             pair = session.get_one(Pair, pair_id)
             chosen = session.get_one(
-                Trajectory, pair.trajectory_a_id if left_side == "a" else pair.trajectory_b_id
+                Trajectory, pair.trajectory_a_id if shown_left == "a" else pair.trajectory_b_id
             )
             campaign = session.get_one(EvalCampaign, campaign_id)
             result = campaign_results(session=session, campaigns=[campaign])[campaign_id]

@@ -16,14 +16,16 @@ from core.db.policies import publish_policy_version
 from tests.core.db.conftest import Committed
 
 
-def test_gives_unjudged_pair_and_records_left_side(session: Session, labeller: Labeller, pair: Pair) -> None:
+def test_gives_unjudged_pair_and_records_the_side_shown_left(
+    session: Session, labeller: Labeller, pair: Pair
+) -> None:
     got = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60, rng=random.Random(0))
     assert got is not None and got.pair.id == pair.id
     lease = session.scalar(select(Lease).where(Lease.pair_id == pair.id))
-    assert lease is not None and lease.labeller_id == labeller.id and lease.left_side == got.left_side
+    assert lease is not None and lease.labeller_id == labeller.id and lease.shown_left == got.shown_left
 
 
-def test_left_side_is_randomised_per_showing(
+def test_the_side_shown_left_is_randomised_per_showing(
     session: Session, labeller: Labeller, make_pair: Callable[..., Pair]
 ) -> None:
     for _ in range(24):
@@ -31,7 +33,7 @@ def test_left_side_is_randomised_per_showing(
     rng = random.Random(1)
     sides = []
     while (got := next_pair(session=session, labeller_id=labeller.id, lease_seconds=60, rng=rng)) is not None:
-        sides.append(got.left_side)
+        sides.append(got.shown_left)
         record_judgement(
             session=session,
             labeller_id=labeller.id,
@@ -78,7 +80,7 @@ def test_reload_returns_held_lease_unless_excluded(
     first = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
     again = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60)
     assert first is not None and again is not None
-    assert again.pair.id == first.pair.id and again.left_side == first.left_side
+    assert again.pair.id == first.pair.id and again.shown_left == first.shown_left
     other = next_pair(session=session, labeller_id=labeller.id, lease_seconds=60, exclude=[first.pair.id])
     assert other is not None and other.pair.id != first.pair.id
 

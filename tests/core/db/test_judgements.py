@@ -79,7 +79,7 @@ def test_records_choice_and_shown_side_and_releases_lease(
     )
     assert done.created
     row = session.get_one(Judgement, done.judgement.id)
-    assert (row.choice, row.shown_left, row.decide_ms) == ("b", got.left_side, 812)
+    assert (row.choice, row.shown_left, row.decide_ms) == ("b", got.shown_left, 812)
     assert session.scalar(select(Lease).where(Lease.pair_id == pair.id)) is None
 
 
@@ -142,7 +142,7 @@ def test_undo_within_window_gives_pair_back_with_same_side(
         window_seconds=15,
         lease_seconds=60,
     )
-    assert back.pair.id == pair.id and back.left_side == got.left_side and _count(session) == 0
+    assert back.pair.id == pair.id and back.shown_left == got.shown_left and _count(session) == 0
     redo = record_judgement(
         session=session, labeller_id=labeller.id, pair_id=pair.id, choice="b", client_key="u2"
     )
@@ -198,7 +198,7 @@ def test_judgement_past_a_pairs_required_count_is_refused_and_not_stored(
     record_judgement(session=session, labeller_id=first.id, pair_id=pair.id, choice="a", client_key="f")
     # what the takeover leaves behind when it lands after the first judgement's commit
     session.add(
-        Lease(pair_id=pair.id, labeller_id=second.id, left_side="b", expires_at=utcnow() + dt.timedelta(60))
+        Lease(pair_id=pair.id, labeller_id=second.id, shown_left="b", expires_at=utcnow() + dt.timedelta(60))
     )
     session.flush()
     with pytest.raises(PairComplete, match=f"pair {pair.id} already has all the judgements it needs"):

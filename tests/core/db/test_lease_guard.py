@@ -59,7 +59,7 @@ def test_a_claim_racing_an_uncommitted_lease_respects_it_only_while_it_is_live(
             Lease(
                 pair_id=target,
                 labeller_id=labellers[2],
-                left_side="b",
+                shown_left="b",
                 expires_at=utcnow() - dt.timedelta(seconds=5),
             )
         )
@@ -68,7 +68,7 @@ def test_a_claim_racing_an_uncommitted_lease_respects_it_only_while_it_is_live(
         holding.execute(
             update(Lease)
             .where(Lease.pair_id == target)
-            .values(labeller_id=holder, left_side="a", expires_at=expires)
+            .values(labeller_id=holder, shown_left="a", expires_at=expires)
         )  # uncommitted: the other statement's snapshot still sees the expired lease
         claimer = threading.Thread(target=claim)
         claimer.start()
@@ -80,7 +80,7 @@ def test_a_claim_racing_an_uncommitted_lease_respects_it_only_while_it_is_live(
         lease = session.scalars(select(Lease).where(Lease.pair_id == target)).one()
     if holder_lease_live:
         assert got[0] is None  # the only candidate was taken: nothing, rather than a leased pair
-        assert (lease.labeller_id, lease.left_side, lease.expires_at) == (holder, "a", expires)
+        assert (lease.labeller_id, lease.shown_left, lease.expires_at) == (holder, "a", expires)
     else:
         assert got[0] is not None and got[0].pair.id == target
         assert lease.labeller_id == second
@@ -95,6 +95,6 @@ def test_the_holder_asking_again_gets_the_same_pair_on_the_same_side(engine_comm
         session.commit()
         other = next_pair(session=session, labeller_id=labellers[1], lease_seconds=60)
     assert first is not None and again is not None and other is not None
-    assert (again.pair.id, again.left_side) == (first.pair.id, first.left_side)
+    assert (again.pair.id, again.shown_left) == (first.pair.id, first.shown_left)
     assert again.expires_at >= first.expires_at
     assert other.pair.id != first.pair.id

@@ -70,13 +70,13 @@ def _flow(session: Session) -> None:
         window_seconds=10,
         lease_seconds=60,
     )
-    assert back.pair.id == first.pair.id and back.left_side == first.left_side
+    assert back.pair.id == first.pair.id and back.shown_left == first.shown_left
     record_judgement(session=session, labeller_id=ann.id, pair_id=first.pair.id, choice="a", client_key="k2")
     session.commit()
     assert labeller_progress(session=session, labeller_id=ann.id).total == 1
     rows = list(iter_judged_pairs(session=session))
     assert [(r["pair_id"], r["choice"], r["shown_left"]) for r in rows] == [
-        (first.pair.id, "a", first.left_side)
+        (first.pair.id, "a", first.shown_left)
     ]
     stats = {s.name: s.judgements for s in labeller_stats(session=session)}
     assert stats == {"ann": 1, "bob": 0}
