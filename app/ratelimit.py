@@ -95,15 +95,17 @@ def client_address(request: Request) -> str:
     return forwarded_client(request.client.host, request.headers.getlist("x-forwarded-for"), proxies)
 
 
-def limit_logins(request: Request) -> None:
+async def limit_logins(request: Request) -> None:
     """Login-type attempts (token login, invite acceptance), per client address."""
     wait = request.app.state.login_limiter.take(client_address(request))
     if wait:
         raise too_many("login attempts from your address", wait, "DENSEALIGN_LOGIN_RATE_PER_MINUTE")
 
 
-def limit_judgements(request: Request, labeller: CurrentLabeller) -> Labeller:
-    """Judgement posts, per labeller; returns the labeller so routes can depend on this alone."""
+async def limit_judgements(request: Request, labeller: CurrentLabeller) -> Labeller:
+    """Judgement posts, per labeller; returns the labeller so routes can depend on this alone. Async:
+    the bucket is an in-memory lock and a few additions, so the event loop runs it without a hop to
+    the thread pool."""
     wait = request.app.state.judgement_limiter.take(str(labeller.id))
     if wait:
         raise too_many("judgements", wait, "DENSEALIGN_JUDGEMENT_RATE_PER_MINUTE")
