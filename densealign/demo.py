@@ -24,6 +24,7 @@ from typing import Any
 
 import uvicorn
 from alembic import command
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.main import create_app
@@ -167,13 +168,17 @@ class Demo:
 
     args: argparse.Namespace
     settings: Settings
-    sessions: sessionmaker[Session]
+    engine: Engine
     train: list[str]
     held_out: list[str]
     started: float = field(default_factory=time.perf_counter)
     stop: threading.Event = field(default_factory=threading.Event)
     scores: dict[int, dict[str, Any]] = field(default_factory=dict)
     server: uvicorn.Server | None = None
+    sessions: sessionmaker[Session] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = make_session_factory(self.engine)
 
     @property
     def judge_name(self) -> str:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     train, held_out = demo_prompts()
     train = pick_prompts(train, args.prompts)
     invite_link, oracle_token = prepare_database(settings, train, held_out)
-    demo = Demo(args, settings, make_session_factory(make_engine(settings.database_url)), train, held_out)
+    demo = Demo(args, settings, make_engine(settings.database_url), train, held_out)
     log.info("loading the base model %s", args.model)
     # The worker's own sampler and refill tick, the app's own refiller: only the queue is in-process.
     sampler = build_sampler(settings)
@@ -217,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = create_app(settings, session_factory=demo.sessions, refiller=refiller)
     demo.server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
-    refiller.refill_now()
-    start_refill_tick(settings, queue, demo.stop)
+    start_refill_tick(settings, queue, demo.stop)  # its first refill runs at once
     jobs = {
         "worker": lambda: queue.run_worker(
             sampler.sample_pairs, demo.stop, eval_handler=sampler.sample_eval_pairs
@@ -266,7 +270,7 @@ def run_trainer(demo: Demo) -> None:
     try:
         serve_rounds(
             trainer,
-            engine=make_engine(settings.database_url),
+            engine=demo.engine,
             heartbeat=heartbeat,
             stop=demo.stop,
             poll_seconds=settings.dpo.poll_seconds,
