@@ -129,19 +129,6 @@ class RoundMetrics:
 _ENCODE_BATCH = 64
 
 
-def _concat(parts: list[Conditioning]) -> Conditioning:
-    def cat(ds: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
-        first = ds[0]
-        return None if first is None else {k: torch.cat([d[k] for d in ds if d is not None]) for k in first}
-
-    return Conditioning(
-        torch.cat([p.cond for p in parts]),
-        torch.cat([p.uncond for p in parts]),
-        cat([p.cond_added for p in parts]),
-        cat([p.uncond_added for p in parts]),
-    )
-
-
 @dataclass
 class RoundExamples:
     """A round's pairs, ready to batch: what stays the same for the whole round is read or computed once.
@@ -177,7 +164,7 @@ class RoundExamples:
                     trajectories[tid] = _checked(_read(blobs, key), key, first.settings)
         prompts = sorted({p.prompt for p in pairs})
         chunks = range(0, len(prompts), _ENCODE_BATCH)
-        cond = _concat(
+        cond = Conditioning.concat(
             [encode_prompts(policy.pipe, prompts[i : i + _ENCODE_BATCH], first.settings) for i in chunks]
         )
         return cls(pairs, first.settings, blobs, trajectories, cond, {p: i for i, p in enumerate(prompts)})

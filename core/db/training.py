@@ -129,12 +129,6 @@ def _decided(
     return result
 
 
-def trajectory_keys(*, session: Session, trajectory_ids: Collection[int]) -> dict[int, Trajectory]:
-    """Trajectory rows (blob keys, seed, sampler settings) by id, for loading latents and log-probs."""
-    rows = session.scalars(select(Trajectory).where(Trajectory.id.in_(list(trajectory_ids))))
-    return {row.id: row for row in rows}
-
-
 def start_training_round(
     *, session: Session, base_version: int, metrics: dict[str, Any] | None = None
 ) -> TrainingRound:

@@ -105,6 +105,23 @@ class Conditioning:
 
         return Conditioning(self.cond[idx], self.uncond[idx], pick(self.cond_added), pick(self.uncond_added))
 
+    @staticmethod
+    def concat(parts: list[Conditioning]) -> Conditioning:
+        """The rows of `parts`, in order, as one batch (e.g. prompts encoded in chunks)."""
+
+        def cat(ds: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+            first = ds[0]
+            return (
+                None if first is None else {k: torch.cat([d[k] for d in ds if d is not None]) for k in first}
+            )
+
+        return Conditioning(
+            torch.cat([p.cond for p in parts]),
+            torch.cat([p.uncond for p in parts]),
+            cat([p.cond_added for p in parts]),
+            cat([p.uncond_added for p in parts]),
+        )
+
 
 def encode_prompts(pipe: Pipeline, prompts: list[str], settings: SamplerSettings) -> Conditioning:
     """Encode prompts the way the stock pipeline does (no gradient: the text encoders are frozen)."""

@@ -24,7 +24,6 @@ from core.db.training import (
     record_round_pairs,
     round_preference_pairs,
     start_training_round,
-    trajectory_keys,
 )
 from core.settings import SamplerConfig
 
@@ -93,12 +92,6 @@ def test_training_round_lifecycle(session: Session, policy_version: object) -> N
         {"loss": 0.6},
     )
     assert done.finished_at is not None
-
-
-def test_trajectory_keys(session: Session, pair: Pair) -> None:
-    rows = trajectory_keys(session=session, trajectory_ids=[pair.trajectory_a_id, pair.trajectory_b_id])
-    assert set(rows) == {pair.trajectory_a_id, pair.trajectory_b_id}
-    assert all(row.image_key.startswith("images/") for row in rows.values())
 
 
 # -- grouping by sampler settings --------------------------------------------------------------
