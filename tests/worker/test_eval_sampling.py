@@ -10,6 +10,7 @@ import torch
 from rq import Queue, SimpleWorker
 from sqlalchemy import select
 
+from core import blob_keys
 from core.db import make_engine, make_session_factory
 from core.db.campaigns import start_campaign
 from core.db.models import Pair, Trajectory
@@ -22,17 +23,17 @@ from worker.main import build_sampler
 from worker.sampling import PairSampler, install
 
 
-def publish_random_adapter(sampler: PairSampler, settings: Settings, tmp_path: Any) -> None:
-    """Version 1: random LoRA weights large enough to change the images; the worker's own adapter is
-    zeroed again afterwards (it samples version 0 until told otherwise)."""
+def publish_random_adapter(sampler: PairSampler, tmp_path: Any, *, std: float) -> None:
+    """Version 1 (not made current): random LoRA weights drawn N(0, std) that change the images; the
+    worker's own adapter is zeroed again afterwards (it samples version 0 until told otherwise)."""
     policy = sampler.policy
     torch.manual_seed(0)
     with torch.no_grad():
         for p in policy.lora_parameters():
-            p.normal_(0.0, 0.5)
+            p.normal_(0.0, std)
     path, sha = policy.save_adapter(tmp_path / "adapter")
     policy.reset_adapter()
-    key = "policies/v1/pytorch_lora_weights.safetensors"
+    key = blob_keys.adapter(1)
     sampler.blobs.put(key, path.read_bytes())
     with sampler.sessions() as session, session.begin():
         publish_policy_version(
@@ -70,7 +71,7 @@ def test_eval_jobs_pin_each_side_and_share_the_noise(
     sampler = build_sampler(loop_settings)
     assert isinstance(sampler, PairSampler)
     install(sampler)
-    publish_random_adapter(sampler, loop_settings, tmp_path)
+    publish_random_adapter(sampler, tmp_path, std=0.5)  # large enough to change the images
 
     # A/A: version 0 against itself gives identical images, pair by pair.
     with sessions() as session, session.begin():

@@ -26,26 +26,11 @@ from core.db.policies import publish_policy_version
 from core.db.prompts import add_prompt
 from core.diffusion.models import load_pipeline
 from core.settings import Settings
+from tests.worker.test_eval_sampling import publish_random_adapter
 from worker.main import build_sampler
 from worker.sampling import PairSampler
 
 PROMPTS = ("a red circle", "a blue square")
-
-
-def publish_adapter(sampler: PairSampler, tmp_path: Any) -> None:
-    """Version 1: small random LoRA weights (the size a few DPO steps leave) that change the images."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in sampler.policy.lora_parameters():
-            p.normal_(0.0, 0.05)
-    path, sha = sampler.policy.save_adapter(tmp_path / "adapter")
-    sampler.policy.reset_adapter()
-    key = "policies/v1/pytorch_lora_weights.safetensors"
-    sampler.blobs.put(key, path.read_bytes())
-    with sampler.sessions() as session, session.begin():
-        publish_policy_version(
-            session=session, version=1, parent_version=0, lora_key=key, lora_sha256=sha, make_current=False
-        )
 
 
 def eval_sides(sampler: PairSampler, pair_ids: list[int]) -> list[dict[int, Trajectory]]:
@@ -78,7 +63,7 @@ def test_fused_workers_swap_both_ways_exactly_and_stock_fuse_lora_redraws_them(
     unfused = build_sampler(unfused_settings)
     assert isinstance(fused, PairSampler) and isinstance(unfused, PairSampler)
     assert fused.policy.fused and not unfused.policy.fused
-    publish_adapter(fused, tmp_path)
+    publish_random_adapter(fused, tmp_path, std=0.05)  # the size a few DPO steps leave
     with sessions() as session, session.begin():
         campaign = start_campaign(session=session, version=1, baseline_version=0, target_votes=8).id
 
