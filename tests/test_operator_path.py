@@ -227,12 +227,16 @@ def test_readme_operator_path_from_a_fresh_database(operator_env: dict[str, str]
         rounds = scalar(select(func.count(TrainingRound.id)).where(TrainingRound.status == "done"))
         assert rounds == 1
 
-        # 5. the worker swaps version 1 in and samples with it. The pool is full of version 0's pairs
-        #    (still within the version lag), so new pairs are sampled only as judgements free slots: judge
-        #    one full job's worth (2), as annotators would.
+        # 5. the worker swaps version 1 in and samples with it. New pairs are sampled only as judgements
+        #    free slots: judge one full job's worth (2), as annotators would. The labeller may have drained
+        #    the pool just before it was stopped, so wait for a pair as the page does (it polls).
         for _ in range(2):
-            served = httpx.get(f"{base}/api/v1/pairs/next", headers=auth, timeout=30).json()["pair"]
-            assert served is not None
+            served = wait_for(
+                lambda: httpx.get(f"{base}/api/v1/pairs/next", headers=auth, timeout=30).json()["pair"],
+                "a pair to judge",
+                240,
+                procs,
+            )
             body = {"pair_id": served["pair_id"], "choice": "tie", "client_key": uuid.uuid4().hex}
             assert (
                 httpx.post(f"{base}/api/v1/judgements", json=body, headers=auth, timeout=30).status_code
