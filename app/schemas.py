@@ -181,6 +181,12 @@ class SamplerRecordPublic(BaseModel):
 class TrajectorySamplingPublic(BaseModel):
     trajectory_id: int
     seed: int = Field(description="`torch.Generator(generator_device).manual_seed(seed)`; up to 63 bits.")
+    z0_seed: int | None = Field(
+        default=None,
+        description="Set on aligned pairs: the initial latents are `randn(shape, generator=torch.Generator("
+        "generator_device).manual_seed(z0_seed))`, passed as `latents=`, and `seed`'s generator draws only "
+        "the per-step noise. null: `seed`'s generator draws both, as the stock call does by default.",
+    )
     policy_version: int = Field(description="0 = the base model; later versions add their LoRA.")
     image_url: str
     sampler: SamplerRecordPublic
@@ -195,6 +201,10 @@ class PairPublic(BaseModel):
     created_at: dt.datetime
     required_judgements: int
     judgement_count: int = Field(description="Judgements stored for the pair so far.")
+    pairing: str = Field(
+        description="How the two sides were drawn: 'independent' (two seeds), 'aligned' (one z0_seed, two "
+        "step-noise seeds) or 'same_seed' (an evaluation pair: one seed, two versions)."
+    )
     a: TrajectorySamplingPublic
     b: TrajectorySamplingPublic
 

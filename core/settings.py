@@ -125,6 +125,12 @@ class PoolConfig(BaseModel):
         "batches raise pairs/s until the accelerator is full.",
     )
     job_retries: int = Field(default=3, ge=0, description="Times a failed sampling job is retried.")
+    pairing: Literal["independent", "aligned"] = Field(
+        default="independent",
+        description="How a pair's two images are drawn: `independent` (two fresh seeds) or `aligned` (one "
+        "initial noise z_0, different per-step noise: one layout, different details). Recorded on "
+        "each pair; see docs/results.md for what each buys per label.",
+    )
 
 
 class EvalConfig(BaseModel):

@@ -80,7 +80,7 @@ def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict
 
 
 def run_cell(
-    args: argparse.Namespace, gamma: float, beta: float, m: int, noise: float, seed: int
+    args: argparse.Namespace, gamma: float, beta: float, m: int, noise: float, pairing: str, seed: int
 ) -> Iterator[dict[str, Any]]:
     """Yield the cell's rows as they are measured (version 0 first), so a cell cut short keeps them."""
     from fastapi.testclient import TestClient
@@ -110,6 +110,7 @@ def run_cell(
             judgement_burst=1_000_000,
             model={"base_model": args.model, "device": args.device, "lora_rank": 4},  # type: ignore[arg-type]
             sampler={"num_steps": args.steps, "guidance_scale": 7.5},  # type: ignore[arg-type]
+            pool={"pairing": pairing},  # type: ignore[arg-type]
             dpo={  # type: ignore[arg-type]
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "clip": args.clip, "lr": args.lr,
                 "min_new_pairs": 1, "steps_per_round": args.round_steps,
@@ -170,7 +171,7 @@ def run_cell(
                 }
             scores = {k: judge_cases(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
             row: dict[str, Any] = {
-                "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "seed": seed,
+                "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "pairing": pairing, "seed": seed,
                 "version": round_index, "labels_used": labels, "judge": args.judge,
                 "train": summarise(scores["train"], base["train"]),
                 "held_out": summarise(scores["held_out"], base["held_out"]),
@@ -235,10 +236,10 @@ def human_evaluation(
 
 
 def cell_argv(
-    argv: list[str], gamma: float, beta: float, m: int, noise: float, seed: int, out: Path
+    argv: list[str], gamma: float, beta: float, m: int, noise: float, pairing: str, seed: int, out: Path
 ) -> list[str]:
     """This script's command line for one cell: the grid options replaced, everything else kept."""
-    grid = {"--gammas", "--betas", "--ms", "--noises", "--seeds", "--out", "--jobs"}
+    grid = {"--gammas", "--betas", "--ms", "--noises", "--pairings", "--seeds", "--out", "--jobs"}
     kept: list[str] = []
     skipping = False
     for arg in argv:
@@ -251,6 +252,7 @@ def cell_argv(
             continue
         kept.append(arg)
     cell = ["--gammas", str(gamma), "--betas", str(beta), "--ms", str(m), "--noises", str(noise)]
+    cell += ["--pairings", pairing]
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -264,7 +266,7 @@ def cell_argv(
 
 
 def run_parallel(
-    argv: list[str], cells: list[tuple[float, float, int, float, int]], out: Path, jobs: int
+    argv: list[str], cells: list[tuple[float, float, int, float, str, int]], out: Path, jobs: int
 ) -> int:
     """Run each cell in its own process, `jobs` at a time; append their rows to `out` in grid order.
 
@@ -284,7 +286,7 @@ def run_parallel(
     # Seed-major start order: when fewer cells run at once than there are, the settings compared
     # on a seed finish together, and a run stopped early leaves paired cells rather than whole
     # settings missing.
-    order = sorted(range(len(cells)), key=lambda i: (cells[i][4], i))
+    order = sorted(range(len(cells)), key=lambda i: (cells[i][-1], i))
     codes = [0] * len(cells)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for i, code in zip(order, pool.map(one, order), strict=True):
@@ -309,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", type=float, nargs="+", default=[10.0])
     parser.add_argument("--ms", type=int, nargs="+", default=[3], help="steps sampled per trajectory")
     parser.add_argument("--noises", type=float, nargs="+", default=[0.0], help="label noise rates")
+    parser.add_argument(
+        "--pairings",
+        nargs="+",
+        default=["independent"],
+        choices=["independent", "aligned"],
+        help="how the worker draws a pair's two images (DENSEALIGN_POOL__PAIRING)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs-per-round", type=int, default=64)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cells = list(itertools.product(args.gammas, args.betas, args.ms, args.noises, args.seeds))
+    cells = list(itertools.product(args.gammas, args.betas, args.ms, args.noises, args.pairings, args.seeds))
     if args.jobs > 1 and len(cells) > 1:
         return run_parallel(sys.argv[1:] if argv is None else argv, cells, out, args.jobs)
     with out.open("a") as fh:

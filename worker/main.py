@@ -63,6 +63,7 @@ def build_sampler(settings: Settings) -> PairSampler:
         sessions=make_session_factory(make_engine(settings.database_url)),
         blobs=LocalBlobStore(settings.blob_dir),
         overlap=OverlapPolicy(settings.overlap_k, settings.agreement_k, settings.overlap_share),
+        pairing=settings.pool.pairing,
     )
     with sampler.sessions() as session:
         sampler.sync_policy(session)

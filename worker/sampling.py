@@ -6,6 +6,8 @@ the blob store. For each `sample_pairs(prompt_ids)` job it:
    version's adapter in place (version 0 = the base model: the adapter is zeroed);
 2. samples two trajectories per prompt id with fresh random seeds, recorded, all in one batch
    (one UNet call per step for the whole job: far more pairs per second than one pair at a time);
+   with `pairing='aligned'` both sides of a pair start from one initial noise z_0 (`z0_seed`) and
+   differ only in the per-step noise, so they share a layout and differ in detail;
 3. writes each trajectory (latents fp16, log-probs; safetensors) and its PNG to the blob store under
    new unique keys;
 4. inserts all the job's trajectories and pairs in one transaction. If anything fails after step 3, the
@@ -73,6 +75,9 @@ class PairSampler:
     # Where trajectory seeds come from: fresh OS randomness by default; a seeded Random makes a
     # whole run reproducible (experiments).
     seed_source: random.Random | None = None
+    # How a job's pairs are drawn (core.pool.PAIRINGS): 'independent' (two fresh seeds) or 'aligned'
+    # (one initial noise z_0 per pair, a fresh step-noise seed per side).
+    pairing: str = "independent"
     # The base model named in each trajectory's record (a hub id or a folder); None = the one the
     # pipeline was loaded from (`pipe.name_or_path`, None for the in-code tiny models).
     base_model: str | None = None
@@ -120,9 +125,13 @@ class PairSampler:
             texts = {pid: get_prompt(session=session, prompt_id=pid).text for pid in set(prompt_ids)}
             version = self.sync_policy(session)
         seeds = self._seeds(2 * len(prompt_ids))
+        # aligned: one z_0 per pair (drawn after the step seeds, so an independent run's seeds are unchanged)
+        z0_seeds = (
+            [z for z in self._seeds(len(prompt_ids)) for _ in "ab"] if self.pairing == "aligned" else None
+        )
         prompts = [texts[pid] for pid in prompt_ids for _ in "ab"]
         start = time.perf_counter()
-        batch = sample_trajectories(self.policy.pipe, prompts, seeds, self.settings)
+        batch = sample_trajectories(self.policy.pipe, prompts, seeds, self.settings, z0_seeds=z0_seeds)
         sampled_seconds = time.perf_counter() - start
         written: list[str] = []
         try:
@@ -133,7 +142,7 @@ class PairSampler:
                 written.append(traj_key)
                 self._put_png(written, image_key, image)
                 keys.append((traj_key, image_key))
-            pair_ids = self._insert_pairs(prompt_ids, version, seeds, keys)
+            pair_ids = self._insert_pairs(prompt_ids, version, seeds, keys, z0_seeds)
         except BaseException:
             self._delete_blobs(written)
             raise
@@ -151,7 +160,12 @@ class PairSampler:
         return [source.getrandbits(63) if source else secrets.randbits(63) for _ in range(n)]
 
     def _insert_pairs(
-        self, prompt_ids: list[int], version: int, seeds: list[int], keys: list[tuple[str, str]]
+        self,
+        prompt_ids: list[int],
+        version: int,
+        seeds: list[int],
+        keys: list[tuple[str, str]],
+        z0_seeds: list[int] | None = None,
     ) -> list[int]:
         """Insert the job's trajectories (two per prompt id, in order) and their pairs in one transaction."""
         record = self.sampling_record()
@@ -164,6 +178,7 @@ class PairSampler:
                         prompt_id=prompt_id,
                         policy_version=version,
                         seed=seeds[i],
+                        z0_seed=z0_seeds[i] if z0_seeds else None,
                         image_key=keys[i][1],
                         latents_key=keys[i][0],
                         log_probs_key=keys[i][0],
@@ -178,7 +193,11 @@ class PairSampler:
                     agreement_share=self.overlap.agreement_share,
                 )
                 pair = create_pair(
-                    session=session, trajectory_a_id=rows[0].id, trajectory_b_id=rows[1].id, required=required
+                    session=session,
+                    trajectory_a_id=rows[0].id,
+                    trajectory_b_id=rows[1].id,
+                    required=required,
+                    pairing="aligned" if z0_seeds else "independent",
                 )
                 pair_ids.append(pair.id)
         return pair_ids

@@ -107,6 +107,7 @@ def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentA
         return TrajectorySamplingPublic(
             trajectory_id=trajectory.id,
             seed=trajectory.seed,
+            z0_seed=trajectory.z0_seed,
             policy_version=trajectory.policy_version,
             image_url=image_url(request, pair.id, name),
             sampler=SamplerRecordPublic.from_record(trajectory.sampler or {}),
@@ -119,6 +120,7 @@ def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentA
         created_at=pair.created_at,
         required_judgements=pair.required_judgements,
         judgement_count=pair.judgement_count,
+        pairing=pair.pairing,
         a=side("a", record.a),
         b=side("b", record.b),
     )

@@ -360,6 +360,7 @@ def create_eval_pair(
         policy_version=campaign.version,
         kind="eval",
         campaign_id=campaign.id,
+        pairing="same_seed",
         trajectory_a_id=a.id,
         trajectory_b_id=b.id,
         required_judgements=campaign.judgements_per_pair,

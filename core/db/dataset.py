@@ -37,6 +37,10 @@ def _export_columns() -> tuple[dict[str, Any], Any, Any]:
         "trajectory_b_id": traj_b.id,
         "seed_a": traj_a.seed,
         "seed_b": traj_b.seed,
+        # aligned pairs: both sides' initial noise came from this seed (NULL: from seed_a / seed_b)
+        "z0_seed_a": traj_a.z0_seed,
+        "z0_seed_b": traj_b.z0_seed,
+        "pairing": Pair.pairing,
         "sampler_a": traj_a.sampler,
         "sampler_b": traj_b.sampler,
         # 'eval': a vote of a human evaluation campaign (side a and b are two versions, from one seed)

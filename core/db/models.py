@@ -30,6 +30,8 @@ SIDES = ("a", "b")
 ROUND_STATUSES = ("running", "done", "failed")
 PROCESS_ROLES = ("worker", "trainer")
 PAIR_KINDS = ("train", "eval")
+# How a pair's two trajectories were drawn (see core.pool.PAIRINGS for the training ones).
+PAIRINGS = ("independent", "aligned", "same_seed")
 CAMPAIGN_STATUSES = ("running", "done", "stopped")
 CAMPAIGN_ORIGINS = ("publish", "admin")
 
@@ -124,6 +126,9 @@ class Trajectory(Base):
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     policy_version: Mapped[int] = mapped_column(ForeignKey("policy_versions.version"))
     seed: Mapped[int] = mapped_column(BigInteger)
+    # The seed of the generator that drew z_0 when it is not `seed`'s (an aligned pair's sides share
+    # it); NULL: z_0 and the per-step noise come from one generator seeded with `seed`.
+    z0_seed: Mapped[int | None] = mapped_column(BigInteger)
     sampler: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     latents_key: Mapped[str | None] = mapped_column(String(255))
     log_probs_key: Mapped[str | None] = mapped_column(String(255))
@@ -141,6 +146,7 @@ class Pair(Base):
         CheckConstraint("judgement_count >= 0", name="judgement_count_non_negative"),
         CheckConstraint(_in("kind", PAIR_KINDS), name="kind"),
         CheckConstraint("(kind = 'eval') = (campaign_id IS NOT NULL)", name="eval_has_campaign"),
+        CheckConstraint(_in("pairing", PAIRINGS), name="pairing"),
         # The pairs still wanting judgements, in the order the next-pair lease hands them out (it reads
         # the index backwards), so that query stops at the first few free entries instead of counting
         # judgements for every pair of the newest version.
@@ -162,6 +168,9 @@ class Pair(Base):
     # the same seed, for a human evaluation campaign; never trained on.
     kind: Mapped[str] = mapped_column(String(8), default="train", server_default="train")
     campaign_id: Mapped[int | None] = mapped_column(ForeignKey("eval_campaigns.id"), index=True)
+    # How the two sides were drawn: 'independent' (two fresh seeds), 'aligned' (one initial noise z_0,
+    # different per-step noise), 'same_seed' (an evaluation pair: one seed, two versions).
+    pairing: Mapped[str] = mapped_column(String(16), default="independent", server_default="independent")
     trajectory_a_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     trajectory_b_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     required_judgements: Mapped[int] = mapped_column(Integer, default=1)

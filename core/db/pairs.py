@@ -32,6 +32,7 @@ def create_trajectory(
     sampler: dict[str, Any] | None = None,
     latents_key: str | None = None,
     log_probs_key: str | None = None,
+    z0_seed: int | None = None,
 ) -> Trajectory:
     get_prompt(session=session, prompt_id=prompt_id)
     get_policy_version(session=session, version=policy_version)
@@ -39,6 +40,7 @@ def create_trajectory(
         prompt_id=prompt_id,
         policy_version=policy_version,
         seed=seed,
+        z0_seed=z0_seed,
         sampler=sampler or {},
         image_key=image_key,
         latents_key=latents_key,
@@ -49,10 +51,20 @@ def create_trajectory(
     return row
 
 
-def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int, required: int = 1) -> Pair:
-    """Pair two trajectories of the same prompt and policy version."""
+def create_pair(
+    *,
+    session: Session,
+    trajectory_a_id: int,
+    trajectory_b_id: int,
+    required: int = 1,
+    pairing: str = "independent",
+) -> Pair:
+    """Pair two trajectories of the same prompt and policy version. An 'aligned' pair's sides must share
+    their initial noise (one `z0_seed`) and differ in the per-step noise (their `seed`)."""
     if required < 1:
         raise InvalidInput(f"required judgements {required} must be at least 1")
+    if pairing not in ("independent", "aligned"):
+        raise InvalidInput(f"pairing {pairing!r} is not one of 'independent', 'aligned' for a training pair")
     a, b = two_trajectories(session=session, first_id=trajectory_a_id, second_id=trajectory_b_id)
     if (a.prompt_id, a.policy_version) != (b.prompt_id, b.policy_version):
         raise PairInvalid(
@@ -60,9 +72,15 @@ def create_pair(*, session: Session, trajectory_a_id: int, trajectory_b_id: int,
             f"(prompt {b.prompt_id}, version {b.policy_version}) differ; a pair needs one prompt "
             "and one version"
         )
+    if pairing == "aligned" and (a.z0_seed is None or a.z0_seed != b.z0_seed or a.seed == b.seed):
+        raise PairInvalid(
+            f"trajectories {a.id} and {b.id} are not aligned: an aligned pair needs one z0_seed (got "
+            f"{a.z0_seed} and {b.z0_seed}) and two step-noise seeds (got {a.seed} and {b.seed})"
+        )
     pair = Pair(
         prompt_id=a.prompt_id,
         policy_version=a.policy_version,
+        pairing=pairing,
         trajectory_a_id=a.id,
         trajectory_b_id=b.id,
         required_judgements=required,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,13 +282,21 @@ class TrajectoryBatch:
     log_probs: Tensor  # (batch, num_steps) float32
     images: np.ndarray  # (batch, height, width, 3) float32 in [0, 1], as the stock output_type="np"
     settings: SamplerSettings
+    z0_seeds: list[int | None] | None = None  # see sample_trajectories
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def trajectory(self, i: int) -> TrajectoryLatents:
+        z0 = self.z0_seeds[i] if self.z0_seeds else None
         return TrajectoryLatents(
-            self.prompts[i], self.seeds[i], self.latents[i], self.timesteps, self.log_probs[i], self.settings
+            self.prompts[i],
+            self.seeds[i],
+            self.latents[i],
+            self.timesteps,
+            self.log_probs[i],
+            self.settings,
+            extra={} if z0 is None else {"z0_seed": z0},
         )
 
     def pil_images(self) -> list[Image.Image]:
@@ -301,22 +310,39 @@ def sample_trajectories(
     seeds: list[int],
     settings: SamplerSettings,
     schedule: DdimSchedule | None = None,
+    z0_seeds: Sequence[int | None] | None = None,
 ) -> TrajectoryBatch:
-    """Sample one trajectory per (prompt, seed) with the pipeline's current weights (adapter included)."""
+    """Sample one trajectory per (prompt, seed) with the pipeline's current weights (adapter included).
+
+    By default one generator seeded with `seed` draws the initial noise z_0 and then every step's
+    noise, as the stock pipeline does with `generator=`. Where `z0_seeds[i]` is given, z_0 comes from a
+    generator seeded with it and the step noise from a fresh one seeded with `seeds[i]`: two samples
+    with one z0 seed and different seeds start alike and differ only in the per-step noise (an aligned
+    pair). The stock pipeline redraws such a sample with `latents=randn(shape, Generator().manual_seed
+    (z0_seed))` and `generator=Generator().manual_seed(seed)` (the DDIM scheduler's initial sigma is 1).
+    """
     if settings.num_steps != (schedule.num_steps if schedule else settings.num_steps):
         raise ValueError(
             f"schedule has {schedule.num_steps if schedule else 0} steps, settings ask for {settings.num_steps}"
         )
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if z0_seeds is not None and len(z0_seeds) != len(seeds):
+        raise ValueError(
+            f"need one z0 seed (or None) per sample, got {len(z0_seeds)} for {len(seeds)} samples"
+        )
     device = pipe.unet.device
     # 1. conditioning, schedule, initial noise z_0 (one generator per sample)
     cond = encode_prompts(pipe, prompts, settings)
     schedule = schedule or ddim_schedule(pipe.scheduler, settings.num_steps, device)
     height, width = image_size(pipe, settings)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    z0_generators = [
+        g if z0 is None else torch.Generator(device=device).manual_seed(int(z0))
+        for g, z0 in zip(generators, z0_seeds or [None] * len(seeds), strict=True)
+    ]
     latents = pipe.prepare_latents(
-        len(prompts), pipe.unet.config.in_channels, height, width, cond.cond.dtype, device, generators
+        len(prompts), pipe.unet.config.in_channels, height, width, cond.cond.dtype, device, z0_generators
     )
     trajectory = [latents]
     log_probs = []
@@ -347,6 +373,7 @@ def sample_trajectories(
         log_probs=torch.stack(log_probs, dim=1).float(),  # (batch, num_steps)
         images=images,
         settings=settings,
+        z0_seeds=None if z0_seeds is None else [None if z is None else int(z) for z in z0_seeds],
     )
 
 

@@ -83,3 +83,46 @@ def test_bad_sampler_input_is_refused(make_pipe):
         from safetensors.torch import save
 
         TrajectoryLatents.from_bytes(save({"x": torch.zeros(1)}))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_an_aligned_pair_shares_z0_and_the_stock_pipeline_redraws_it(make_pipe, settings, kind):
+    """Two samples with one z0 seed and two step seeds: the same initial noise, then diverging paths;
+    the stock call redraws each from `latents=` (the z0 seed's draw) and `generator=` (the step seed)."""
+    pipe = make_pipe(kind)
+    prompt, z0_seed, step_seeds = PROMPTS[0], 1234, [7, 8]
+    ours = sample_trajectories(pipe, [prompt, prompt], step_seeds, settings, z0_seeds=[z0_seed, z0_seed])
+    assert torch.equal(ours.latents[0, 0], ours.latents[1, 0])
+    assert not torch.equal(ours.latents[0, 1], ours.latents[1, 1])
+    assert not np.array_equal(ours.images[0], ours.images[1])
+    assert [ours.trajectory(i).extra for i in (0, 1)] == [{"z0_seed": z0_seed}] * 2
+    # z_0 is the z0 seed's standard-normal draw, not the step seed's
+    shape = ours.latents.shape[2:]
+    z0 = torch.randn((1, *shape), generator=torch.Generator().manual_seed(z0_seed))
+    assert torch.equal(ours.latents[0, 0], z0[0])
+    # an unaligned sample of the same step seed starts elsewhere: the alignment is real
+    plain = sample_trajectories(pipe, [prompt], [step_seeds[0]], settings)
+    assert not torch.equal(plain.latents[0, 0], ours.latents[0, 0])
+    assert plain.trajectory(0).extra == {}
+    # one stock call for the batch (CPU kernels round differently by batch size)
+    stock = pipe(
+        [prompt, prompt],
+        num_inference_steps=settings.num_steps,
+        guidance_scale=settings.guidance_scale,
+        eta=settings.eta,
+        latents=torch.cat([z0, z0]),
+        generator=[torch.Generator().manual_seed(seed) for seed in step_seeds],
+        output_type="np",
+    ).images
+    assert np.array_equal(ours.images, stock)
+
+
+def test_mixed_batches_keep_the_unaligned_samples_unchanged(make_pipe, settings):
+    """A z0 seed on one sample leaves the other samples of the batch exactly as without any."""
+    pipe = make_pipe()
+    alone = sample_trajectories(pipe, PROMPTS, SEEDS, settings)
+    mixed = sample_trajectories(pipe, PROMPTS, SEEDS, settings, z0_seeds=[None, 99])
+    assert np.array_equal(alone.images[0], mixed.images[0])
+    assert not np.array_equal(alone.images[1], mixed.images[1])
+    with pytest.raises(ValueError, match="one z0 seed"):
+        sample_trajectories(pipe, PROMPTS, SEEDS, settings, z0_seeds=[1])

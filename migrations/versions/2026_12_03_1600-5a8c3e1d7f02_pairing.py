@@ -1,0 +1,42 @@
+"""How a pair was chosen: `pairs.pairing` ('independent': two fresh seeds, as every pair so far;
+'aligned': both sides start from the same initial noise z_0 and differ only in the per-step noise;
+'same_seed': an evaluation pair, one seed drawn by two versions). `trajectories.z0_seed`: the seed of
+the generator that drew z_0 when it is not the trajectory's own `seed` (aligned pairs); NULL means
+z_0 and the step noise come from one generator seeded with `seed`, as before.
+
+Revision ID: 5a8c3e1d7f02
+Revises: 7d2e1f0a9b3c
+Create Date: 2026-12-03 16:00:00.000000+00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "5a8c3e1d7f02"
+down_revision: str | None = "7d2e1f0a9b3c"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("trajectories", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("z0_seed", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("pairs", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("pairing", sa.String(length=16), server_default="independent", nullable=False)
+        )
+    op.execute("UPDATE pairs SET pairing = 'same_seed' WHERE kind = 'eval'")
+    with op.batch_alter_table("pairs", schema=None) as batch_op:
+        batch_op.create_check_constraint(
+            op.f("ck_pairs_pairing"), "pairing IN ('independent', 'aligned', 'same_seed')"
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("pairs", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_pairs_pairing"), type_="check")
+        batch_op.drop_column("pairing")
+    with op.batch_alter_table("trajectories", schema=None) as batch_op:
+        batch_op.drop_column("z0_seed")
