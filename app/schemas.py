@@ -205,6 +205,7 @@ class PairPublic(BaseModel):
         description="How the two sides were drawn: 'independent' (two seeds), 'aligned' (one z0_seed, two "
         "step-noise seeds) or 'same_seed' (an evaluation pair: one seed, two versions)."
     )
+    gold: Side | None = Field(default=None, description="The known answer an admin marked, if any.")
     a: TrajectorySamplingPublic
     b: TrajectorySamplingPublic
 
@@ -265,6 +266,28 @@ class LabellerStatsPublic(BaseModel):
     agreement: float | None
     overlapped: int
     left_share: float | None
+    ability: float | None = Field(
+        description="P(their a/b vote names the better side): a one-coin Dawid-Skene fit over votes on pairs "
+        "others also decided and on gold pairs; null without such votes."
+    )
+    ability_low: float | None = Field(description="95% interval of `ability`, low end.")
+    ability_high: float | None = Field(description="95% interval of `ability`, high end.")
+    ability_votes: int = Field(description="Votes the ability is measured on (overlapped or gold pairs).")
+    gold_votes: int = Field(description="Of those, votes on gold pairs (a known answer).")
+
+
+class GoldMark(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    answer: Side | None = Field(
+        description="The better side, 'a' or 'b', as the pair's known answer; null unmarks it."
+    )
+    judgements: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Judgements the pair should collect, so several labellers are scored on it (kept "
+        "if already higher); default: unchanged.",
+    )
 
 
 class StatsPublic(BaseModel):

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep, SettingsDep
-from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, NOT_FOUND
+from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, NOT_FOUND, WRITE, error
 from app.schemas import (
     ID_LIST_PATTERN,
+    GoldMark,
     IdPath,
     ImagePublic,
     NextPairPublic,
@@ -24,7 +25,7 @@ from app.schemas import (
 from core.db.assignment import Assignment, next_pair
 from core.db.errors import InvalidInput
 from core.db.models import Trajectory
-from core.db.pairs import pair_record, pair_trajectory
+from core.db.pairs import mark_gold, pair_record, pair_trajectory
 
 router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[BEARER])
 EMPTY_POOL = "No pairs are waiting for you right now; new ones appear as the workers sample them."
@@ -121,9 +122,25 @@ def get_pair(pair_id: IdPath, request: Request, session: SessionDep, _: CurrentA
         required_judgements=pair.required_judgements,
         judgement_count=pair.judgement_count,
         pairing=pair.pairing,
+        gold=pair.gold,  # type: ignore[arg-type]
         a=side("a", record.a),
         b=side("b", record.b),
     )
+
+
+@router.put(
+    "/{pair_id}/gold",
+    response_model=PairPublic,
+    responses=ADMIN | NOT_FOUND | {409: error("The pair is an evaluation pair.")} | WRITE,
+)
+def put_gold(
+    pair_id: IdPath, body: GoldMark, request: Request, session: SessionDep, admin: CurrentAdmin
+) -> PairPublic:
+    """Mark a training pair's known answer (admin): votes on it then measure each labeller's reliability
+    (the labellers page); `judgements` lets more labellers see it. `answer: null` unmarks it."""
+    mark_gold(session=session, pair_id=pair_id, answer=body.answer, judgements=body.judgements)
+    session.commit()
+    return get_pair(pair_id, request, session, admin)
 
 
 @router.get(

@@ -147,6 +147,7 @@ class Pair(Base):
         CheckConstraint(_in("kind", PAIR_KINDS), name="kind"),
         CheckConstraint("(kind = 'eval') = (campaign_id IS NOT NULL)", name="eval_has_campaign"),
         CheckConstraint(_in("pairing", PAIRINGS), name="pairing"),
+        CheckConstraint(_in("gold", SIDES), name="gold"),
         # The pairs still wanting judgements, in the order the next-pair lease hands them out (it reads
         # the index backwards), so that query stops at the first few free entries instead of counting
         # judgements for every pair of the newest version.
@@ -171,6 +172,9 @@ class Pair(Base):
     # How the two sides were drawn: 'independent' (two fresh seeds), 'aligned' (one initial noise z_0,
     # different per-step noise), 'same_seed' (an evaluation pair: one seed, two versions).
     pairing: Mapped[str] = mapped_column(String(16), default="independent", server_default="independent")
+    # A known answer an admin marked: the better side, 'a' or 'b'. Labellers' votes on gold pairs
+    # measure their reliability (core/reliability.py); NULL for ordinary pairs.
+    gold: Mapped[str | None] = mapped_column(String(1))
     trajectory_a_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     trajectory_b_id: Mapped[int] = mapped_column(ForeignKey("trajectories.id"))
     required_judgements: Mapped[int] = mapped_column(Integer, default=1)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db.errors import InvalidInput, PairInvalid, PairNotFound
+from core.db.errors import Conflict, InvalidInput, PairInvalid, PairNotFound
 from core.db.models import Pair, Prompt, Trajectory
 from core.db.policies import get_policy_version
 from core.db.prompts import get_prompt
@@ -135,3 +135,23 @@ def pair_record(*, session: Session, pair_id: int) -> PairRecord:
     a = session.get_one(Trajectory, pair.trajectory_a_id)  # foreign keys: both exist
     b = session.get_one(Trajectory, pair.trajectory_b_id)
     return PairRecord(pair, session.get_one(Prompt, pair.prompt_id), a, b)
+
+
+def mark_gold(*, session: Session, pair_id: int, answer: str | None, judgements: int | None = None) -> Pair:
+    """Give a training pair a known answer (`answer` 'a' or 'b'; None unmarks it). Labellers' votes on it
+    are then scored against the answer (core/reliability.py); `judgements` raises how many it collects
+    so that several labellers are measured on it (never lowered below the judgements it already has)."""
+    pair = get_pair(session=session, pair_id=pair_id)
+    if answer not in (None, "a", "b"):
+        raise InvalidInput(f"gold answer {answer!r} must be 'a', 'b' or null")
+    if pair.kind != "train":
+        raise Conflict(
+            f"pair {pair_id} is an evaluation pair (two versions); mark a training pair as gold instead"
+        )
+    if judgements is not None:
+        if judgements < 1:
+            raise InvalidInput(f"judgements {judgements} must be at least 1")
+        pair.required_judgements = max(pair.required_judgements, judgements)
+    pair.gold = answer
+    session.flush()
+    return pair

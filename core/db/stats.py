@@ -17,6 +17,7 @@ from core.db.models import Judgement, Labeller, Lease, Pair, Prompt
 from core.db.policies import get_current_policy
 from core.db.sampler_groups import GroupCount
 from core.db.training import fresh_pair_groups
+from core.reliability import Vote, fit_abilities
 
 
 def queue_depth(*, session: Session, now: dt.datetime | None = None) -> int:
@@ -73,6 +74,13 @@ class LabellerStats:
     overlapped: int
     # Share of a/b choices that picked the image shown on the left (0.5 = no side bias).
     left_share: float | None
+    # core/reliability.py: P(their a/b vote names the better side) with a 95% interval, from their votes
+    # on pairs others also decided and on gold pairs; None without such votes.
+    ability: float | None = None
+    ability_low: float | None = None
+    ability_high: float | None = None
+    ability_votes: int = 0
+    gold_votes: int = 0
 
 
 def labeller_stats(*, session: Session) -> list[LabellerStats]:
@@ -103,10 +111,23 @@ def labeller_stats(*, session: Session) -> list[LabellerStats]:
         if pair_id in majority and choice != "skip":
             tally["overlapped"] += 1
             tally["agree"] += int(choice == majority[pair_id])
+    gold = {
+        p: str(side) for p, side in session.execute(select(Pair.id, Pair.gold).where(Pair.gold.is_not(None)))
+    }
+    fit = fit_abilities(
+        [
+            Vote(pair_id, labeller_id, choice)
+            for pair_id, labeller_id, choice, _ in rows
+            if choice in ("a", "b")
+        ],
+        gold,
+    )
     result = []
     for labeller in session.scalars(select(Labeller).order_by(Labeller.id)):
         tally = per.get(labeller.id, {})
         overlapped, sided = tally.get("overlapped", 0), tally.get("sided", 0)
+        ability = fit.abilities.get(labeller.id)
+        informed = ability if ability is not None and ability.votes > 0 else None
         result.append(
             LabellerStats(
                 labeller_id=labeller.id,
@@ -117,6 +138,11 @@ def labeller_stats(*, session: Session) -> list[LabellerStats]:
                 agreement=tally.get("agree", 0) / overlapped if overlapped else None,
                 overlapped=overlapped,
                 left_share=tally.get("left", 0) / sided if sided else None,
+                ability=informed.accuracy if informed else None,
+                ability_low=informed.low if informed else None,
+                ability_high=informed.high if informed else None,
+                ability_votes=ability.votes if ability else 0,
+                gold_votes=ability.gold_votes if ability else 0,
             )
         )
     return result

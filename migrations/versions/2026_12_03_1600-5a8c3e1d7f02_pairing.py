@@ -2,7 +2,8 @@
 'aligned': both sides start from the same initial noise z_0 and differ only in the per-step noise;
 'same_seed': an evaluation pair, one seed drawn by two versions). `trajectories.z0_seed`: the seed of
 the generator that drew z_0 when it is not the trajectory's own `seed` (aligned pairs); NULL means
-z_0 and the step noise come from one generator seeded with `seed`, as before.
+z_0 and the step noise come from one generator seeded with `seed`, as before. `pairs.gold`: a
+known answer ('a' or 'b') an admin marked, against which labellers' votes are scored (core/reliability.py).
 
 Revision ID: 5a8c3e1d7f02
 Revises: 7d2e1f0a9b3c
@@ -27,16 +28,20 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("pairing", sa.String(length=16), server_default="independent", nullable=False)
         )
+        batch_op.add_column(sa.Column("gold", sa.String(length=1), nullable=True))
     op.execute("UPDATE pairs SET pairing = 'same_seed' WHERE kind = 'eval'")
     with op.batch_alter_table("pairs", schema=None) as batch_op:
         batch_op.create_check_constraint(
             op.f("ck_pairs_pairing"), "pairing IN ('independent', 'aligned', 'same_seed')"
         )
+        batch_op.create_check_constraint(op.f("ck_pairs_gold"), "gold IN ('a', 'b')")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("pairs", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_pairs_gold"), type_="check")
         batch_op.drop_constraint(op.f("ck_pairs_pairing"), type_="check")
+        batch_op.drop_column("gold")
         batch_op.drop_column("pairing")
     with op.batch_alter_table("trajectories", schema=None) as batch_op:
         batch_op.drop_column("z0_seed")

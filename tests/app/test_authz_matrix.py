@@ -79,6 +79,7 @@ EXPECTED: dict[tuple[str, str], dict[str, Outcome]] = {
     ("DELETE", "/api/v1/prompts/{prompt_id}"): admins(200),
     ("GET", "/api/v1/pairs/next"): labellers(200),
     ("GET", "/api/v1/pairs/{pair_id}"): admins(200),  # seeds and sampler record: for admins only
+    ("PUT", "/api/v1/pairs/{pair_id}/gold"): admins(200),  # known answers score labellers: admins only
     ("GET", "/api/v1/pairs/{pair_id}/images/{side}"): labellers(200),
     ("POST", "/api/v1/judgements"): labellers(201),
     ("DELETE", "/api/v1/judgements/{judgement_id}"): labellers(200),
@@ -290,6 +291,9 @@ BUILDERS: dict[tuple[str, str], Callable[[World, Caller], Request]] = {
     ),
     ("GET", "/api/v1/pairs/next"): lambda w, c: _api("GET", "/api/v1/pairs/next", c),
     ("GET", "/api/v1/pairs/{pair_id}"): lambda w, c: _api("GET", f"/api/v1/pairs/{w.pair.id}", c),
+    ("PUT", "/api/v1/pairs/{pair_id}/gold"): lambda w, c: _api(
+        "PUT", f"/api/v1/pairs/{w.pair.id}/gold", c, json={"answer": "a"}
+    ),
     ("GET", "/api/v1/pairs/{pair_id}/images/{side}"): lambda w, c: _api(
         "GET", f"/api/v1/pairs/{w.pair.id}/images/a", c
     ),
