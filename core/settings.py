@@ -108,6 +108,12 @@ class DpoConfig(BaseModel):
         description="MiB of the frozen reference model's step means kept across a round's optimizer steps "
         "(least recently used dropped first; SD 1.5 at 512 px: 64 KiB per trajectory step); 0 keeps none.",
     )
+    label_weighting: Literal["majority", "reliability"] = Field(
+        default="majority",
+        description="Which side of a pair wins and how much it counts: `majority` (the strict majority of "
+        "its votes, weight 1) or `reliability` (votes weighed by each labeller's measured reliability, a "
+        "Dawid-Skene fit over overlapped and gold pairs; weight abs(2 P(a better) - 1)).",
+    )
 
 
 class PoolConfig(BaseModel):

@@ -53,6 +53,7 @@ from core.db.training import (
     round_preference_pairs,
     running_round,
     start_training_round,
+    weigh_by_reliability,
 )
 from core.diffusion.ddim import DdimSchedule, ddim_schedule
 from core.diffusion.policy import Policy
@@ -189,6 +190,7 @@ class RoundExamples:
             cond=self.cond.index(torch.tensor([self.prompt_row[p.prompt] for p in pairs])),
             ids_w=[p.winner_trajectory_id for p in pairs],
             ids_l=[p.loser_trajectory_id for p in pairs],
+            weights=torch.tensor([p.weight for p in pairs]) if any(p.weight != 1.0 for p in pairs) else None,
         )
 
 
@@ -262,7 +264,10 @@ class Trainer:
                         "other_settings_pairs": groups.other_settings_pairs,
                     },
                 )
-                record_round_pairs(session=session, round_id=round_.id, pairs=groups.usable)
+                usable = groups.usable
+                if cfg.label_weighting == "reliability":
+                    usable = weigh_by_reliability(session=session, pairs=usable)
+                record_round_pairs(session=session, round_id=round_.id, pairs=usable)
                 logger.info(
                     "round %d on base version %d: %s", round_.id, current, groups.explain(cfg.min_new_pairs)
                 )

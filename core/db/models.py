@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -289,6 +290,9 @@ class TrainingRoundPair(Base):
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), primary_key=True, index=True)
     winner: Mapped[str] = mapped_column(String(1))
     votes: Mapped[int] = mapped_column(Integer)  # the a/b/tie votes that decided it
+    # The pair's loss weight: 1 (a plain majority), or how sure its votes are given each voter's
+    # measured reliability (DENSEALIGN_DPO__LABEL_WEIGHTING=reliability; core/reliability.py).
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
 
 
 class ProcessHeartbeat(Base):

@@ -3,13 +3,15 @@
 Aggregation happens here, at training time, so the rule can change without relabelling
 (METHOD.md, "Human labels"): a pair's preference is the strict majority of its a/b/tie votes;
 a tie majority, an a/b draw, or only skips carry no gradient and the pair is left out.
+`weigh_by_reliability` is the other rule (DENSEALIGN_DPO__LABEL_WEIGHTING=reliability): each decided
+pair's winner and loss weight come from its votes weighed by every voter's measured reliability.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import case, select
@@ -20,6 +22,7 @@ from core.db.errors import InvalidInput, NotFound
 from core.db.models import Judgement, Pair, Prompt, TrainingRound, TrainingRoundPair, Trajectory
 from core.db.policies import get_policy_version
 from core.db.sampler_groups import PairGroups, SamplerGroup, pair_group, split_by_sampler
+from core.reliability import Vote, fit_abilities, pair_weight
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class PreferencePair:
     # loads), None elsewhere.
     winner_latents_key: str | None = None
     loser_latents_key: str | None = None
+    weight: float = 1.0  # the pair's loss weight (see `weigh_by_reliability`)
 
 
 def majority(choices: Collection[str]) -> str | None:
@@ -202,8 +206,40 @@ def running_round(*, session: Session) -> TrainingRound | None:
     )
 
 
+def weigh_by_reliability(*, session: Session, pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """The same pairs with winner and loss weight from the labellers' measured reliability: a one-coin
+    Dawid-Skene fit (core/reliability.py) over every a/b vote on training pairs and the gold answers
+    gives P(side a is better) per pair; the likelier side wins (it can overturn a majority of
+    unreliable voters) and the weight is |2P - 1|. A gold pair keeps its known answer at weight 1."""
+    if not pairs:
+        return []
+    votes = session.execute(
+        select(Judgement.pair_id, Judgement.labeller_id, Judgement.choice)
+        .join(Pair, Pair.id == Judgement.pair_id)
+        .where(Pair.kind == "train", Judgement.choice.in_(("a", "b")))
+    ).all()
+    gold = {p: str(g) for p, g in session.execute(select(Pair.id, Pair.gold).where(Pair.gold.is_not(None)))}
+    fit = fit_abilities([Vote(p, j, c) for p, j, c in votes], gold)
+    ids = [p.pair_id for p in pairs]
+    sides = {i: a for i, a in session.execute(select(Pair.id, Pair.trajectory_a_id).where(Pair.id.in_(ids)))}
+    out = []
+    for p in pairs:
+        side, weight = pair_weight(fit.posterior.get(p.pair_id, 0.5))
+        a_won = p.winner_trajectory_id == sides[p.pair_id]
+        if (side == "a") != a_won:
+            p = replace(
+                p,
+                winner_trajectory_id=p.loser_trajectory_id,
+                loser_trajectory_id=p.winner_trajectory_id,
+                winner_latents_key=p.loser_latents_key,
+                loser_latents_key=p.winner_latents_key,
+            )
+        out.append(replace(p, weight=weight))
+    return out
+
+
 def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[PreferencePair]) -> None:
-    """Remember which pairs (and which winner) a round trains on, before it trains."""
+    """Remember which pairs (and which winner, with what loss weight) a round trains on, before it trains."""
     by_id = {p.pair_id: p for p in pairs}
     rows = session.execute(select(Pair.id, Pair.trajectory_a_id, Pair.kind).where(Pair.id.in_(list(by_id))))
     for pair_id, traj_a, kind in rows:
@@ -211,7 +247,11 @@ def record_round_pairs(*, session: Session, round_id: int, pairs: Collection[Pre
             raise InvalidInput(f"pair {pair_id} is an evaluation pair; rounds train on training pairs only")
         p = by_id[pair_id]
         winner = "a" if p.winner_trajectory_id == traj_a else "b"
-        session.add(TrainingRoundPair(round_id=round_id, pair_id=pair_id, winner=winner, votes=p.votes))
+        session.add(
+            TrainingRoundPair(
+                round_id=round_id, pair_id=pair_id, winner=winner, votes=p.votes, weight=p.weight
+            )
+        )
     session.flush()
 
 
@@ -227,6 +267,7 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
     rows = session.execute(
         select(Pair.id, Pair.policy_version, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.votes)
         .add_columns(win.id, lose.id, win.latents_key, lose.latents_key, win.sampler, lose.sampler)
+        .add_columns(TrainingRoundPair.weight)
         .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .join(win, win.id == winner_id)
@@ -235,9 +276,9 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
         .order_by(Pair.id)
     )
     out = []
-    for pair_id, version, text, side, votes, w, lo, w_key, l_key, w_sampler, l_sampler in rows:
+    for pair_id, version, text, side, votes, w, lo, w_key, l_key, w_sampler, l_sampler, weight in rows:
         # the group is read in (a, b) order, as `preference_pairs` reads it
         sampler_a, sampler_b = (w_sampler, l_sampler) if side == "a" else (l_sampler, w_sampler)
         group = pair_group(sampler_a or {}, sampler_b or {})
-        out.append(PreferencePair(pair_id, text, version, w, lo, votes, group, w_key, l_key))
+        out.append(PreferencePair(pair_id, text, version, w, lo, votes, group, w_key, l_key, weight))
     return out

@@ -66,23 +66,38 @@ def sample_step_indices(
     return flat.to(torch.long)  # (batch_size, num_samples)
 
 
-def dense_dpo_loss(logratio_w: Tensor, logratio_l: Tensor, *, beta: float, clip: float) -> Tensor:
+def dense_dpo_loss(
+    logratio_w: Tensor,
+    logratio_l: Tensor,
+    *,
+    beta: float,
+    clip: float,
+    pair_weights: Tensor | None = None,
+) -> Tensor:
     """Sampled-step loss: s = beta * mean_m clamp(l_m, -clip, clip); mean over pairs of -log sigmoid(s_w - s_l).
 
     `logratio_w`, `logratio_l`: (B, M) policy-minus-reference log-ratios of the preferred and the
-    rejected trajectory at the same M sampled steps.
+    rejected trajectory at the same M sampled steps. `pair_weights` (B,): each pair's term is scaled by
+    its weight before the mean (how sure its labels are; core/reliability.py), None = all 1.
     """
     _check_pair_shapes(logratio_w, logratio_l)
     check_dpo_hyperparameters(beta=beta, clip=clip)
     score_w = beta * logratio_w.clamp(-clip, clip).mean(dim=1)  # (B,)
     score_l = beta * logratio_l.clamp(-clip, clip).mean(dim=1)  # (B,)
-    return -F.logsigmoid(score_w - score_l).mean()
+    return _weighted_mean(-F.logsigmoid(score_w - score_l), pair_weights)
 
 
 def dense_dpo_loss_exact(
-    logratio_w: Tensor, logratio_l: Tensor, weights: Tensor, *, beta: float, clip: float
+    logratio_w: Tensor,
+    logratio_l: Tensor,
+    weights: Tensor,
+    *,
+    beta: float,
+    clip: float,
+    pair_weights: Tensor | None = None,
 ) -> Tensor:
-    """All-steps loss: s = beta * sum_i weights_i * clamp(l_i, -clip, clip). Inputs (B, N), weights (N,)."""
+    """All-steps loss: s = beta * sum_i weights_i * clamp(l_i, -clip, clip). Inputs (B, N), weights (N,);
+    `pair_weights` as in `dense_dpo_loss`."""
     _check_pair_shapes(logratio_w, logratio_l)
     if weights.shape != (logratio_w.shape[1],):
         raise ValueError(
@@ -92,7 +107,20 @@ def dense_dpo_loss_exact(
     w = weights.to(logratio_w.dtype)
     score_w = beta * (logratio_w.clamp(-clip, clip) * w).sum(dim=1)  # (B,)
     score_l = beta * (logratio_l.clamp(-clip, clip) * w).sum(dim=1)  # (B,)
-    return -F.logsigmoid(score_w - score_l).mean()
+    return _weighted_mean(-F.logsigmoid(score_w - score_l), pair_weights)
+
+
+def _weighted_mean(losses: Tensor, pair_weights: Tensor | None) -> Tensor:
+    """mean_b(w_b * loss_b); the plain mean without weights."""
+    if pair_weights is None:
+        return losses.mean()
+    if pair_weights.shape != losses.shape:
+        raise ValueError(
+            f"pair_weights must have one weight per pair, shape {tuple(losses.shape)}, got {tuple(pair_weights.shape)}"
+        )
+    if bool((pair_weights < 0).any()):
+        raise ValueError("pair_weights must be non-negative")
+    return (losses * pair_weights.to(losses)).mean()
 
 
 def implicit_scores(logratio: Tensor, *, beta: float, clip: float) -> Tensor:

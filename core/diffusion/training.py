@@ -51,9 +51,13 @@ class PairBatch:
     # Trajectory ids of the winners and losers (B each): the keys of a `ReferenceCache`; None: no caching.
     ids_w: list[int] | None = None
     ids_l: list[int] | None = None
+    # (B,) loss weight of each pair (DENSEALIGN_DPO__LABEL_WEIGHTING=reliability); None: all 1.
+    weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         b = len(self.prompts)
+        if self.weights is not None and tuple(self.weights.shape) != (b,):
+            raise ValueError(f"weights must be (pairs={b},), got {tuple(self.weights.shape)}")
         expected = (b, self.settings.num_steps + 1)
         for name in ("latents_w", "latents_l"):
             shape = tuple(getattr(self, name).shape)
@@ -331,16 +335,22 @@ def train_step(
     b, n = len(batch.prompts), schedule.num_steps
     weights = discount_weights(n, hp.gamma)
     step_idx = draw_step_indices(hp, n, b, generator)
+    pair_weights = batch.weights
     optimizer.zero_grad(set_to_none=True)
     logratio_w, logratio_l = pair_log_ratios(
         policy, batch, step_idx, schedule, reference_cache=reference_cache
     )
     if hp.exact:
         loss = dense_dpo_loss_exact(
-            logratio_w, logratio_l, weights.to(logratio_w.device), beta=hp.beta, clip=hp.clip
+            logratio_w,
+            logratio_l,
+            weights.to(logratio_w.device),
+            beta=hp.beta,
+            clip=hp.clip,
+            pair_weights=pair_weights,
         )
     else:
-        loss = dense_dpo_loss(logratio_w, logratio_l, beta=hp.beta, clip=hp.clip)
+        loss = dense_dpo_loss(logratio_w, logratio_l, beta=hp.beta, clip=hp.clip, pair_weights=pair_weights)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.lora_parameters(), hp.max_grad_norm)
     optimizer.step()

@@ -4,6 +4,7 @@
 the generator that drew z_0 when it is not the trajectory's own `seed` (aligned pairs); NULL means
 z_0 and the step noise come from one generator seeded with `seed`, as before. `pairs.gold`: a
 known answer ('a' or 'b') an admin marked, against which labellers' votes are scored (core/reliability.py).
+`training_round_pairs.weight`: the loss weight a round gave the pair (1 for every earlier round).
 
 Revision ID: 5a8c3e1d7f02
 Revises: 7d2e1f0a9b3c
@@ -29,6 +30,8 @@ def upgrade() -> None:
             sa.Column("pairing", sa.String(length=16), server_default="independent", nullable=False)
         )
         batch_op.add_column(sa.Column("gold", sa.String(length=1), nullable=True))
+    with op.batch_alter_table("training_round_pairs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("weight", sa.Float(), server_default="1", nullable=False))
     op.execute("UPDATE pairs SET pairing = 'same_seed' WHERE kind = 'eval'")
     with op.batch_alter_table("pairs", schema=None) as batch_op:
         batch_op.create_check_constraint(
@@ -38,6 +41,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("training_round_pairs", schema=None) as batch_op:
+        batch_op.drop_column("weight")
     with op.batch_alter_table("pairs", schema=None) as batch_op:
         batch_op.drop_constraint(op.f("ck_pairs_gold"), type_="check")
         batch_op.drop_constraint(op.f("ck_pairs_pairing"), type_="check")

@@ -108,3 +108,31 @@ def test_beyond_the_memory_limit_a_round_reads_its_pairs_per_batch(round_pairs: 
 
 def blobs_latents(blobs: LocalBlobStore, i: int) -> torch.Tensor:
     return TrajectoryLatents.from_bytes(LocalBlobStore.get(blobs, f"latents/{i}")).latents
+
+
+def test_a_rounds_pair_weights_reach_the_loss(round_pairs: Any) -> None:
+    """Weighted pairs give their batch a weight per pair, and a step's loss is the weighted mean of the
+    per-pair terms: weight 0 on a pair removes it, as if the batch held only the other pairs."""
+    from dataclasses import replace
+
+    policy, blobs, pairs = round_pairs
+    assert RoundExamples.load(pairs, blobs, policy, max_trajectory_bytes=2**20).batch([0, 1]).weights is None
+    weighted = [replace(p, weight=w) for p, w in zip(pairs, [1.0, 0.0, 0.5], strict=True)]
+    examples = RoundExamples.load(weighted, blobs, policy, max_trajectory_bytes=2**20)
+    batch = examples.batch([2, 0, 1])
+    assert batch.weights is not None and batch.weights.tolist() == [0.5, 1.0, 0.0]
+    schedule = ddim_schedule(policy.pipe.scheduler, SETTINGS.num_steps)
+    hp = DpoConfig(exact=True, beta=10.0, clip=1.0)
+    with torch.no_grad():  # a nonzero adapter, so the pairs' terms differ from log 2
+        for p in policy.lora_parameters():
+            p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(3))
+    losses = []
+    for idx in ([2, 0, 1], [2], [0]):
+        b = examples.batch(idx)
+        # a vanishing learning rate: the three steps see the same adapter to float precision
+        m = train_step(policy, make_optimizer(policy, lr=1e-12, weight_decay=0.0), b, hp, schedule)
+        losses.append(m.loss)
+    full, only_2, only_0 = losses
+    assert only_2 != pytest.approx(only_0)
+    # alone, pair 2's loss is already 0.5 x its term; pair 1 (weight 0) adds nothing
+    assert full == pytest.approx((only_2 + only_0) / 3, rel=1e-5)

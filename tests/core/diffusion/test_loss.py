@@ -126,3 +126,30 @@ def test_mismatched_shapes_raise():
         dense_dpo_loss(torch.zeros(2, 3), torch.zeros(2, 2), beta=1.0, clip=1.0)
     with pytest.raises(ValueError, match="pairs, steps"):
         dense_dpo_loss(torch.zeros(3), torch.zeros(3), beta=1.0, clip=1.0)
+
+
+def test_weighted_loss_equals_the_hand_computed_value():
+    """Pair weights scale each pair's term before the mean (sampled and exact losses alike)."""
+    lw = torch.tensor([[2e-4, 1e-4], [0.0, -1e-4], [3e-4, 3e-4]])
+    ll = torch.tensor([[0.0, 0.0], [1e-4, 1e-4], [-3e-4, 0.0]])
+    beta, clip, w = 10.0, 2e-4, [1.0, 0.5, 0.0]
+
+    def term(a: list[float], b: list[float]) -> float:
+        s = beta * (sum(max(-clip, min(clip, x)) for x in a) - sum(max(-clip, min(clip, x)) for x in b)) / 2
+        return -math.log(1 / (1 + math.exp(-s)))
+
+    terms = [term(lw[i].tolist(), ll[i].tolist()) for i in range(3)]
+    expected = sum(wi * t for wi, t in zip(w, terms, strict=True)) / 3
+    got = dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.tensor(w)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # all-ones weights are the plain mean; the exact loss with uniform step weights agrees
+    ones = dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.ones(3)).item()
+    assert ones == pytest.approx(dense_dpo_loss(lw, ll, beta=beta, clip=clip).item(), rel=1e-7)
+    exact = dense_dpo_loss_exact(
+        lw, ll, torch.tensor([0.5, 0.5]), beta=beta, clip=clip, pair_weights=torch.tensor(w)
+    ).item()
+    assert exact == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="one weight per pair"):
+        dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.ones(2))
+    with pytest.raises(ValueError, match="non-negative"):
+        dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.tensor([1.0, -1.0, 1.0]))
