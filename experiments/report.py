@@ -378,6 +378,141 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+# -- options against today's default (issue 18) --------------------------------------------------------
+
+OPTION_DEFAULTS = {"pairing": "independent"}
+
+
+def option_of(r: dict[str, Any], axis: str) -> Any:
+    """A row's value on an option axis; rows written before the axis existed ran its default."""
+    return r.get(axis, OPTION_DEFAULTS.get(axis))
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float, float]:
+    """Mean, standard error and the 95% t-interval of paired differences."""
+    mean, se = mean_se(diffs)
+    half = T975[min(len(diffs) - 1, len(T975)) - 1] * se if len(diffs) > 1 else math.nan
+    return mean, se, mean - half, mean + half
+
+
+def option_comparison(
+    rows: list[dict[str, Any]], axis: str, baseline: Any, thresholds: tuple[float, ...] = (0.01, 0.02),
+    boots: int = 10_000, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Each option on `axis` against `baseline`, per judge, paired by seed (both ran the same seed's
+    prompts, initial pool and evaluation noise): labels at which the seed-averaged training-prompt
+    curve reaches each threshold (option over baseline, with a bootstrap over seeds as `curve_ratio`),
+    and at every evaluation point both had, the paired gain of each, their difference with a 95%
+    t-interval, and the same on the held-out prompts."""
+    import random
+
+    cells: dict[tuple[Any, Any], dict[int, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        cells[(r.get("judge", "faithfulness"), option_of(r, axis))][r["seed"]][r["version"]] = r
+    out = []
+    for (judge, option), a_cells in sorted(cells.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        b_cells = cells.get((judge, baseline))
+        if option == baseline or not b_cells:
+            continue
+        seeds = sorted(set(a_cells) & set(b_cells))
+        versions = 0
+        while seeds and all(versions in a_cells[s] and versions in b_cells[s] for s in seeds):
+            versions += 1
+        if versions < 2:
+            continue
+        xs = [mean_se([a_cells[s][v]["labels_used"] for s in seeds])[0] for v in range(versions)]
+        curves = {
+            part: (
+                [[a_cells[s][v][part]["diff_vs_v0"] for v in range(versions)] for s in seeds],
+                [[b_cells[s][v][part]["diff_vs_v0"] for v in range(versions)] for s in seeds],
+            )
+            for part in ("train", "held_out")
+        }
+        a, b = curves["train"]
+        everyone = list(range(len(seeds)))
+        reach = {}
+        for threshold in thresholds:
+            rng = random.Random(seed)
+            values = sorted(
+                _resampled_ratio(xs, a, b, [rng.randrange(len(seeds)) for _ in seeds], threshold)[0]
+                for _ in range(boots)
+            )
+            point, kind = _resampled_ratio(xs, a, b, everyone, threshold)
+            reach[threshold] = {
+                "labels_option": crossing(xs, _mean_curve(a, everyone), threshold),
+                "labels_baseline": crossing(xs, _mean_curve(b, everyone), threshold),
+                "ratio": point, "kind": kind,
+                "low": values[int(0.025 * boots)], "high": values[min(boots - 1, int(0.975 * boots))],
+            }  # fmt: skip
+        points = []
+        for v in range(1, versions):
+            point = {"labels": xs[v]}
+            for part, (pa, pb) in curves.items():
+                xa, xb = [c[v] for c in pa], [c[v] for c in pb]
+                diff = [x - y for x, y in zip(xa, xb, strict=True)]
+                point[part] = {
+                    "option": mean_se(xa), "baseline": mean_se(xb), "difference": t_interval(diff),
+                    "ahead": sum(d > 0 for d in diff),
+                }  # fmt: skip
+            points.append(point)
+        out.append(
+            {"judge": judge, "axis": axis, "option": option, "baseline": baseline, "seeds": seeds,
+             "budget": xs[-1], "reach": reach, "points": points}
+        )  # fmt: skip
+    return out
+
+
+def option_tables(rows: list[dict[str, Any]], axis: str, baseline: Any) -> str:
+    """Markdown: labels to reach +0.01 / +0.02 (option / baseline on the seed-averaged curve), then the
+    paired gains at every evaluation point, training and held-out prompts."""
+
+    def labels(x: float | None, budget: float) -> str:
+        return f"{x:.0f}" if x is not None else f"> {budget:.0f}"
+
+    def ratio(r: dict[str, Any]) -> str:
+        if r["kind"] == "both":
+            return f"{r['ratio']:.2f}"
+        return f"< {r['ratio']:.2f}" if r["kind"] == "den_unreached" else "not reached"
+
+    def bound(x: float) -> str:
+        return "unbounded" if math.isinf(x) else f"{x:.2f}"
+
+    lines = [
+        f"| judge | {axis} | seeds | labels to +0.01: {axis} / {baseline} | ratio [95%] "
+        f"| labels to +0.02: {axis} / {baseline} | ratio [95%] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    found = option_comparison(rows, axis, baseline)
+    for c in found:
+        r1, r2 = c["reach"][0.01], c["reach"][0.02]
+        lines.append(
+            f"| {c['judge']} | {c['option']} | {len(c['seeds'])} "
+            f"| {labels(r1['labels_option'], c['budget'])} / {labels(r1['labels_baseline'], c['budget'])} "
+            f"| {ratio(r1)} [{bound(r1['low'])}, {bound(r1['high'])}] "
+            f"| {labels(r2['labels_option'], c['budget'])} / {labels(r2['labels_baseline'], c['budget'])} "
+            f"| {ratio(r2)} [{bound(r2['low'])}, {bound(r2['high'])}] |"
+        )
+    lines += [
+        "",
+        f"| judge | prompts | labels | seeds | {axis} | {baseline} | difference | 95% interval | seeds ahead |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in found:
+        for part in ("train", "held_out"):
+            for point in c["points"]:
+                p = point[part]
+                (ma, sa), (mb, sb) = p["option"], p["baseline"]
+                md, sd, lo, hi = p["difference"]
+                lines.append(
+                    f"| {c['judge']} | {part} | {point['labels']:.0f} | {len(c['seeds'])} | {ma:+.4f} ± {sa:.4f} "
+                    f"| {mb:+.4f} ± {sb:.4f} | {md:+.4f} ± {sd:.4f} | [{lo:+.4f}, {hi:+.4f}] "
+                    f"| {p['ahead']}/{len(c['seeds'])} |"
+                )
+    if not found:
+        return f"(no paired cells of a {axis} other than {baseline!r} and {baseline!r} itself)"
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", help="JSON-lines files written by experiments/online.py")
@@ -401,11 +536,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep only evaluation points at or below this many labels",
     )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        choices=sorted(OPTION_DEFAULTS),
+        help="tables of each option on this axis against today's default (per judge, paired by seed)",
+    )
     args = parser.parse_args(argv)
     # A cell rerun (say with more rounds) repeats its earlier rows exactly; the last copy wins.
     unique: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in (r for path in args.rows for r in load(path)):
-        unique[(*setting(r), r["seed"], r["version"])] = r
+        options = tuple(option_of(r, axis) for axis in OPTION_DEFAULTS)
+        unique[(*setting(r), *options, r.get("judge"), r["seed"], r["version"])] = r
     rows = [
         r
         for r in unique.values()
@@ -415,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not rows:
         parser.error("no rows left: check the files and the --gammas, --seeds and --max-labels filters")
+    if args.compare:
+        print(option_tables(rows, args.compare, OPTION_DEFAULTS[args.compare]))
+        return 0
     print(table(rows))
     print()
     print(threshold_table(rows, args.threshold))

@@ -147,3 +147,43 @@ def test_paired_gain_table_differences_seed_by_seed() -> None:
     assert at64[9] == "1/2"
     at128 = [c.strip() for c in lines[3].strip("|").split("|")]
     assert at128[7] == "+0.0200 ± 0.0100" and at128[9] == "2/2"
+
+
+def test_an_option_is_compared_with_the_default_seed_by_seed_per_judge() -> None:
+    """--compare pairing: rows without the axis ran the default; differences are paired by seed, with a
+    hand-computed mean and t-interval, and labels-to-threshold come from the seed-averaged curves."""
+
+    def cell(pairing: str | None, judge: str, seed: int, diffs: list[float]) -> list[dict[str, Any]]:
+        rows = rows_for(0.9, seed, diffs)
+        for r in rows:
+            r["judge"] = judge
+            if pairing is not None:
+                r["pairing"] = pairing
+        return rows
+
+    rows = []
+    for seed, (base, aligned) in enumerate([(0.00, 0.02), (0.01, 0.02), (0.02, 0.05)]):
+        rows += cell(None, "faithfulness", seed, [0.0, base / 2, base])
+        rows += cell("aligned", "faithfulness", seed, [0.0, aligned / 2, aligned])
+        rows += cell("independent", "compressibility", seed, [0.0, 0.0, 0.0])  # only the default
+    (found,) = report.option_comparison(rows, "pairing", "independent", boots=200)
+    assert (found["judge"], found["option"], found["seeds"], found["budget"]) == (
+        "faithfulness",
+        "aligned",
+        [0, 1, 2],
+        128,
+    )
+    final = found["points"][-1]["train"]
+    mean, se, low, high = final["difference"]
+    assert mean == pytest.approx(0.02) and se == pytest.approx(0.01 / 3**0.5)
+    assert (low, high) == (
+        pytest.approx(0.02 - 4.303 * 0.01 / 3**0.5),
+        pytest.approx(0.02 + 4.303 * 0.01 / 3**0.5),
+    )
+    assert final["ahead"] == 3 and final["option"][0] == pytest.approx(sum(d for d in (0.02, 0.02, 0.05)) / 3)
+    # mean curves: aligned 0, 0.015, 0.03 -> +0.02 at 64 + 64 * (0.005 / 0.015); default 0, 0.005, 0.01
+    reach = found["reach"][0.02]
+    assert reach["labels_option"] == pytest.approx(64 + 64 / 3) and reach["labels_baseline"] is None
+    assert reach["kind"] == "den_unreached" and reach["ratio"] == pytest.approx((64 + 64 / 3) / 128)
+    table = report.option_tables(rows, "pairing", "independent")
+    assert "| faithfulness | aligned | 3 | 43 / 128 | 0.33 [" in table and "| 85 / > 128 | < 0.67 [" in table
