@@ -131,6 +131,12 @@ class PairAssignmentPublic(BaseModel):
 class NextPairPublic(BaseModel):
     pair: PairAssignmentPublic | None = Field(description="null when nothing is waiting for you.")
     message: str | None = None
+    paused: bool = Field(
+        default=False,
+        description="true when no pairs are served to you because your measured agreement with the known "
+        "answers and other labellers is below the deployment's threshold (DENSEALIGN_RELIABILITY__PAUSE_BELOW); "
+        "`message` says so, and every judgement you made is kept.",
+    )
 
 
 class PromptRefPublic(BaseModel):

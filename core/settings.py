@@ -139,6 +139,30 @@ class PoolConfig(BaseModel):
     )
 
 
+class ReliabilityConfig(BaseModel):
+    """Labellers' measured reliability (core/reliability.py): how often it is refreshed, and pausing."""
+
+    pause_below: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Pause a labeller (no new pairs; they see why; nothing they did is lost) while even "
+        "the upper end of their ability's 95% interval is below this (0..1, e.g. 0.6); unset = never.",
+    )
+    pause_min_votes: int = Field(
+        default=20,
+        ge=1,
+        description="Votes on overlapped or gold pairs a labeller's ability must rest on before it can "
+        "pause them.",
+    )
+    refresh_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the trainer refits every labeller's ability and stores it (the labellers "
+        "page fits afresh on each view).",
+    )
+
+
 class EvalConfig(BaseModel):
     """Human evaluation campaigns: blind A/B votes of a version against a comparison version."""
 
@@ -329,6 +353,11 @@ class Settings(BaseSettings):
         default_factory=lambda: EvalConfig(),
         description="Human evaluation campaigns: blind votes of a version against another "
         "(DENSEALIGN_EVAL__<FIELD>).",
+    )
+    reliability: ReliabilityConfig = Field(
+        default_factory=lambda: ReliabilityConfig(),
+        description="Labellers' measured reliability, and pausing the unreliable "
+        "(DENSEALIGN_RELIABILITY__<FIELD>).",
     )
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ def build_trainer(
         progress=progress,
         evaluate=evaluate,
         auto_evaluation=settings.eval,
+        reliability_refresh_seconds=settings.reliability.refresh_seconds,
     )
 
 

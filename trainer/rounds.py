@@ -44,6 +44,7 @@ from core.db.policies import (
     latest_version_number,
     publish_policy_version,
 )
+from core.db.reliability import fit_labellers, store_abilities
 from core.db.sampler_groups import describe_group, trainable_together
 from core.db.training import (
     PreferencePair,
@@ -233,11 +234,26 @@ class Trainer:
     waiting_reason: str = field(default="", init=False)
     # The version workers sample with, as the last `run_once` read it (for the heartbeat).
     current_version: int | None = field(default=None, init=False)
+    # Seconds between refits of every labeller's stored ability (Settings.reliability); None = never.
+    reliability_refresh_seconds: float | None = None
+    _abilities_due: float = field(default=0.0, init=False)
+
+    def refresh_abilities(self, now: float | None = None) -> int | None:
+        """Refit and store every labeller's ability when `reliability_refresh_seconds` have passed since
+        the last time; returns how many were stored (None: not due)."""
+        now = time.monotonic() if now is None else now
+        if self.reliability_refresh_seconds is None or now < self._abilities_due:
+            return None
+        with self.sessions() as session, session.begin():
+            stored = store_abilities(session=session, fit=fit_labellers(session=session))
+        self._abilities_due = now + self.reliability_refresh_seconds
+        return stored
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels at the current sampler settings wait;
         returns the published version (None: nothing to train yet, or stopped mid-round)."""
         cfg = self.config
+        self.refresh_abilities()
         with self.sessions() as session, session.begin():
             self._start_evaluation(session)
             round_ = running_round(session=session)

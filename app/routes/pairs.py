@@ -26,9 +26,15 @@ from core.db.assignment import Assignment, next_pair
 from core.db.errors import InvalidInput
 from core.db.models import Trajectory
 from core.db.pairs import mark_gold, pair_record, pair_trajectory
+from core.db.reliability import is_paused
 
 router = APIRouter(prefix="/pairs", tags=["pairs"], dependencies=[BEARER])
 EMPTY_POOL = "No pairs are waiting for you right now; new ones appear as the workers sample them."
+PAUSED = (
+    "Your judgements are paused: on pairs with a known answer or judged by others too, your choices "
+    "have agreed with them less often than this project requires. Everything you judged is kept; "
+    "please read the guidelines and ask an admin to look at it with you."
+)
 
 
 # `url_for` walks the route table on every call; the image path differs only in its two parameters,
@@ -82,7 +88,11 @@ def get_next_pair(
         ),
     ] = None,
 ) -> NextPairPublic:
-    """Lease a pair to the caller (a short reservation), with left/right order chosen at random."""
+    """Lease a pair to the caller (a short reservation), with left/right order chosen at random; none
+    while the caller is paused for low measured reliability (`paused`, with a message)."""
+    reliability = settings.reliability
+    if is_paused(labeller, pause_below=reliability.pause_below, min_votes=reliability.pause_min_votes):
+        return NextPairPublic(pair=None, message=PAUSED, paused=True)
     assignment = next_pair(
         session=session,
         labeller_id=labeller.id,

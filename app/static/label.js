@@ -69,6 +69,8 @@
   async function fetchNext() {
     const ids = shownIds();
     const data = await api("GET", "/api/v1/pairs/next" + (ids.length ? "?exclude=" + ids.join(",") : ""));
+    // a paused labeller is told why (their judgements so far are all kept)
+    if (!data.pair && data.paused) $("empty-reason").textContent = data.message;
     return data.pair;
   }
 

@@ -56,6 +56,12 @@ class Labeller(Base):
     # Browser sessions carry the epoch of their login; logout and deactivation bump it, which ends
     # every cookie issued before (core/db/labellers.py end_sessions).
     session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Their measured reliability (core/reliability.py), refreshed by the trainer: P(an a/b vote of
+    # theirs names the better side) with its 95% interval, and the votes it rests on; NULL until measured.
+    ability: Mapped[float | None] = mapped_column(Float)
+    ability_low: Mapped[float | None] = mapped_column(Float)
+    ability_high: Mapped[float | None] = mapped_column(Float)
+    ability_votes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -15,9 +15,9 @@ from core.db.base import utcnow
 from core.db.errors import NoCurrentPolicy
 from core.db.models import Judgement, Labeller, Lease, Pair, Prompt
 from core.db.policies import get_current_policy
+from core.db.reliability import fit_labellers
 from core.db.sampler_groups import GroupCount
 from core.db.training import fresh_pair_groups
-from core.reliability import Vote, fit_abilities
 
 
 def queue_depth(*, session: Session, now: dt.datetime | None = None) -> int:
@@ -111,17 +111,7 @@ def labeller_stats(*, session: Session) -> list[LabellerStats]:
         if pair_id in majority and choice != "skip":
             tally["overlapped"] += 1
             tally["agree"] += int(choice == majority[pair_id])
-    gold = {
-        p: str(side) for p, side in session.execute(select(Pair.id, Pair.gold).where(Pair.gold.is_not(None)))
-    }
-    fit = fit_abilities(
-        [
-            Vote(pair_id, labeller_id, choice)
-            for pair_id, labeller_id, choice, _ in rows
-            if choice in ("a", "b")
-        ],
-        gold,
-    )
+    fit = fit_labellers(session=session)
     result = []
     for labeller in session.scalars(select(Labeller).order_by(Labeller.id)):
         tally = per.get(labeller.id, {})

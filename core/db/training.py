@@ -21,8 +21,9 @@ from core.db.base import utcnow
 from core.db.errors import InvalidInput, NotFound
 from core.db.models import Judgement, Pair, Prompt, TrainingRound, TrainingRoundPair, Trajectory
 from core.db.policies import get_policy_version
+from core.db.reliability import fit_labellers
 from core.db.sampler_groups import PairGroups, SamplerGroup, pair_group, split_by_sampler
-from core.reliability import Vote, fit_abilities, pair_weight
+from core.reliability import pair_weight
 
 
 @dataclass(frozen=True)
@@ -208,18 +209,12 @@ def running_round(*, session: Session) -> TrainingRound | None:
 
 def weigh_by_reliability(*, session: Session, pairs: list[PreferencePair]) -> list[PreferencePair]:
     """The same pairs with winner and loss weight from the labellers' measured reliability: a one-coin
-    Dawid-Skene fit (core/reliability.py) over every a/b vote on training pairs and the gold answers
+    Dawid-Skene fit (core/db/reliability.py) over every a/b vote and the gold answers
     gives P(side a is better) per pair; the likelier side wins (it can overturn a majority of
     unreliable voters) and the weight is |2P - 1|. A gold pair keeps its known answer at weight 1."""
     if not pairs:
         return []
-    votes = session.execute(
-        select(Judgement.pair_id, Judgement.labeller_id, Judgement.choice)
-        .join(Pair, Pair.id == Judgement.pair_id)
-        .where(Pair.kind == "train", Judgement.choice.in_(("a", "b")))
-    ).all()
-    gold = {p: str(g) for p, g in session.execute(select(Pair.id, Pair.gold).where(Pair.gold.is_not(None)))}
-    fit = fit_abilities([Vote(p, j, c) for p, j, c in votes], gold)
+    fit = fit_labellers(session=session)
     ids = [p.pair_id for p in pairs]
     sides = {i: a for i, a in session.execute(select(Pair.id, Pair.trajectory_a_id).where(Pair.id.in_(ids)))}
     out = []

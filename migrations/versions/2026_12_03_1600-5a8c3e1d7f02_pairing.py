@@ -5,6 +5,7 @@ the generator that drew z_0 when it is not the trajectory's own `seed` (aligned 
 z_0 and the step noise come from one generator seeded with `seed`, as before. `pairs.gold`: a
 known answer ('a' or 'b') an admin marked, against which labellers' votes are scored (core/reliability.py).
 `training_round_pairs.weight`: the loss weight a round gave the pair (1 for every earlier round).
+`labellers.ability*`: each labeller's measured reliability with its interval, refreshed by the trainer.
 
 Revision ID: 5a8c3e1d7f02
 Revises: 7d2e1f0a9b3c
@@ -32,6 +33,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("gold", sa.String(length=1), nullable=True))
     with op.batch_alter_table("training_round_pairs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("weight", sa.Float(), server_default="1", nullable=False))
+    with op.batch_alter_table("labellers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("ability", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("ability_low", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("ability_high", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("ability_votes", sa.Integer(), server_default="0", nullable=False))
     op.execute("UPDATE pairs SET pairing = 'same_seed' WHERE kind = 'eval'")
     with op.batch_alter_table("pairs", schema=None) as batch_op:
         batch_op.create_check_constraint(
@@ -41,6 +47,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("labellers", schema=None) as batch_op:
+        for column in ("ability_votes", "ability_high", "ability_low", "ability"):
+            batch_op.drop_column(column)
     with op.batch_alter_table("training_round_pairs", schema=None) as batch_op:
         batch_op.drop_column("weight")
     with op.batch_alter_table("pairs", schema=None) as batch_op:

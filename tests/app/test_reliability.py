@@ -5,11 +5,16 @@ votes against the answers; bad marks are refused with the value named."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from core.db.models import Labeller, Pair
+from core.db.reliability import fit_labellers, store_abilities
+from core.settings import Settings
 from tests.app.test_pages import _accept_invite
 
 
@@ -87,3 +92,55 @@ def test_bad_gold_marks_are_refused(
     session.expire_all()
     row = session.get_one(Pair, pair.id)
     assert row.gold is None and row.required_judgements == 1
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """The app's test settings with pausing on: below 60% (upper end), after 5 measured votes."""
+    return Settings(
+        database_url="postgresql+psycopg://unused",
+        secret_key="test-secret-key",  # type: ignore[arg-type]
+        cookie_secure=False,
+        blob_dir=str(tmp_path / "blobs"),
+        public_base_url="http://testserver",
+        reliability={"pause_below": 0.6, "pause_min_votes": 5},  # type: ignore[arg-type]
+    )
+
+
+def test_a_labeller_below_the_threshold_is_paused_and_loses_nothing(
+    app: FastAPI,
+    session: Session,
+    as_labeller: Callable[..., tuple[TestClient, Labeller]],
+    make_pair: Callable[..., Pair],
+) -> None:
+    admin, _ = as_labeller("admin", name="root")
+    for _ in range(8):
+        pair = make_pair(required=2)
+        assert admin.put(f"/api/v1/pairs/{pair.id}/gold", json={"answer": "a"}).status_code == 200
+    good, _ = as_labeller(name="good")
+    bad, bad_row = as_labeller(name="contrarian")
+    assert vote_all(good, lambda p: "a", "good") == 8
+    assert vote_all(bad, lambda p: "b", "bad") == 8
+    extra = make_pair(required=2)
+    held = bad.get("/api/v1/pairs/next").json()["pair"]  # a lease taken before the pause
+    assert held["pair_id"] == extra.id
+
+    # nothing measured yet: still served. The trainer's refresh stores the fit (every 60 s by default).
+    assert store_abilities(session=session, fit=fit_labellers(session=session)) == 2
+    session.commit()
+    row = session.get_one(Labeller, bad_row.id)
+    assert row.ability is not None and row.ability_high is not None and row.ability_high < 0.6
+    assert row.ability_votes == 8
+    # the trainer commits in its own process: the app sees it once its labeller cache (5 s) expires
+    app.state.labeller_cache.forget([bad_row.id])
+
+    paused = bad.get("/api/v1/pairs/next").json()
+    assert paused["pair"] is None and paused["paused"] is True and "paused" in paused["message"]
+    # the judgement of the pair leased before the pause is still taken, and nothing is lost
+    body = {"pair_id": held["pair_id"], "choice": "a", "client_key": "held-before-pause-1"}
+    assert bad.post("/api/v1/judgements", json=body).status_code == 201
+    stats = {r["name"]: r for r in admin.get("/api/v1/stats").json()["labellers"]}
+    assert stats["contrarian"]["judgements"] == 9
+    # the reliable labeller goes on as before
+    served = good.get("/api/v1/pairs/next").json()
+    assert served["paused"] is False and served["pair"]["pair_id"] == extra.id

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any, cast
 
 import pytest
 from sqlalchemy.orm import Session
 
+from core.db import make_engine, make_session_factory
 from core.db.assignment import next_pair
 from core.db.judgements import record_judgement
+from core.db.labellers import create_labeller
 from core.db.models import Labeller, Pair
-from core.db.pairs import mark_gold
+from core.db.pairs import create_pair, create_trajectory, mark_gold
+from core.db.policies import publish_policy_version
+from core.db.prompts import add_prompt
 from core.db.training import (
     preference_pairs,
     record_round_pairs,
@@ -23,6 +28,9 @@ from core.db.training import (
     weigh_by_reliability,
 )
 from core.reliability import PRIOR_A, PRIOR_B
+from core.settings import Settings
+from core.storage import LocalBlobStore
+from trainer.rounds import Trainer
 
 
 def vote(session: Session, labeller: Labeller, choose: Callable[[Pair], str]) -> int:
@@ -82,3 +90,48 @@ def test_reliability_weighting_turns_a_contrarians_vote_round(
     assert back[lone_contrarian.id].weight == pytest.approx(turned.weight)
     assert back[lone_contrarian.id].winner_trajectory_id == lone_contrarian.trajectory_b_id
     assert back[lone_good.id].weight == pytest.approx(kept.weight)
+
+
+def test_the_trainer_refreshes_stored_abilities_on_its_period(loop_settings: Settings) -> None:
+    """`Trainer.refresh_abilities` (called at every check of `run_once`) refits and stores abilities
+    once per `reliability.refresh_seconds`, in its own transaction on the deployment's database."""
+    sessions = make_session_factory(make_engine(loop_settings.database_url))
+    with sessions() as session, session.begin():
+        publish_policy_version(session=session, version=0)
+        prompt = add_prompt(session=session, text="a red circle").id
+        pair_ids = []
+        for i in range(6):
+            a, b = (
+                create_trajectory(
+                    session=session,
+                    prompt_id=prompt,
+                    policy_version=0,
+                    seed=2 * i + k,
+                    image_key=f"i/{i}/{k}",
+                )
+                for k in (0, 1)
+            )
+            pair = create_pair(session=session, trajectory_a_id=a.id, trajectory_b_id=b.id, required=2)
+            mark_gold(session=session, pair_id=pair.id, answer="a")
+            pair_ids.append(pair.id)
+        labeller = create_labeller(session=session, name="measured").labeller
+        assert vote(session, labeller, lambda p: "a" if p.id != pair_ids[0] else "b") == 6
+        labeller_id = labeller.id
+    trainer = Trainer(
+        policy=cast(Any, None),  # refreshing abilities touches only the database
+        sessions=sessions,
+        blobs=LocalBlobStore(loop_settings.blob_dir),
+        config=loop_settings.dpo,
+        reliability_refresh_seconds=60.0,
+    )
+    assert trainer.refresh_abilities(now=1000.0) == 1
+    with sessions() as session:
+        row = session.get_one(Labeller, labeller_id)
+        # 5 of 6 gold answers right: (5 + 1) / (6 + 1) under the Beta(2, 1) prior
+        assert row.ability == pytest.approx(6 / 7) and row.ability_votes == 6
+    assert trainer.refresh_abilities(now=1059.0) is None  # not due yet
+    assert trainer.refresh_abilities(now=1060.0) == 1
+    assert Trainer(
+        policy=cast(Any, None), sessions=sessions, blobs=LocalBlobStore(loop_settings.blob_dir),
+        config=loop_settings.dpo,
+    ).refresh_abilities() is None  # fmt: skip
