@@ -148,3 +148,34 @@ def test_a_busy_server_is_retried_with_the_same_client_key(live_app: tuple[str, 
     finally:
         engine.dispose()
     assert [(row.pair_id, row.client_key) for row in rows] == [(pair_id, posts[0]["client_key"])]
+
+
+def test_a_paused_labeller_is_told_why(live_app: tuple[str, str, str]) -> None:
+    """/pairs/next says `paused` (the server's side is tests/app/test_reliability.py): the page shows the
+    message in place of 'nothing to judge', rather than leaving the annotator waiting for pairs."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    base, invite_path, _ = live_app
+    message = "Your judgements are paused: test message."
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route(
+                "**/api/v1/pairs/next*",
+                lambda route: route.fulfill(
+                    status=200,
+                    headers={"Content-Type": "application/json"},
+                    body=json.dumps({"pair": None, "message": message, "paused": True}),
+                ),
+            )
+            page.goto(base + invite_path)
+            page.click("#accept")
+            page.click("#start")
+            expect(page.locator("#empty")).to_be_visible(timeout=10_000)
+            expect(page.locator("#empty-reason")).to_have_text(message)
+            expect(page.locator("#pair")).to_be_hidden()
+        finally:
+            browser.close()
