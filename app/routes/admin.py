@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
 
 from app.charts import bar_chart, line_chart
 from app.deps import SessionDep, SettingsDep, check_csrf, cookie_labeller
@@ -22,6 +23,7 @@ from core.db.labellers import create_invite, update_labeller
 from core.db.models import Labeller
 from core.db.policies import get_current_policy, list_policy_versions, set_current_policy
 from core.db.prompts import add_prompt, import_prompts, list_prompts, update_prompt
+from core.db.reliability import is_paused
 from core.db.sampler_groups import configured_sampler
 from core.db.stats import sampler_backlog
 
@@ -180,12 +182,20 @@ def _labellers(
     status_code: int = 422,
 ) -> HTMLResponse:
     stats = collect_stats(session)
+    reliability = request.app.state.settings.reliability
+    measured = session.scalars(select(Labeller).where(Labeller.ability_high.is_not(None)))
+    paused = {
+        row.id
+        for row in measured
+        if is_paused(row, pause_below=reliability.pause_below, min_votes=reliability.pause_min_votes)
+    }
     return render(
         request,
         "admin/labellers.html",
         status_code=status_code if error else 200,
         labeller=admin,
         rows=stats.labellers,
+        paused=paused,
         invite=invite,
         error=error,
     )

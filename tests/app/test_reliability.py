@@ -109,6 +109,7 @@ def settings(tmp_path: Path) -> Settings:
 
 def test_a_labeller_below_the_threshold_is_paused_and_loses_nothing(
     app: FastAPI,
+    client: TestClient,
     session: Session,
     as_labeller: Callable[..., tuple[TestClient, Labeller]],
     make_pair: Callable[..., Pair],
@@ -144,3 +145,9 @@ def test_a_labeller_below_the_threshold_is_paused_and_loses_nothing(
     # the reliable labeller goes on as before
     served = good.get("/api/v1/pairs/next").json()
     assert served["paused"] is False and served["pair"]["pair_id"] == extra.id
+    # and the labellers page says who is paused
+    _accept_invite(client, session, name="pagereader", role="admin")
+    page = client.get("/admin/labellers").text
+    assert page.count("(paused: low reliability)") == 1
+    row_html = page[page.index("<td>contrarian</td>") :]
+    assert row_html.index("(paused: low reliability)") < row_html.index("</tr>")
