@@ -77,6 +77,14 @@ class DpoConfig(BaseModel):
     )
     lr: float = Field(default=3e-5, gt=0, description="AdamW learning rate for the LoRA weights.")
     weight_decay: float = Field(default=2e-3, ge=0, description="AdamW decoupled weight decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="Learning rate over a round's steps: `constant` (lr), or `cosine` from lr down to "
+        "lr_final_ratio x lr at the round's last step, starting again at lr each round.",
+    )
+    lr_final_ratio: float = Field(
+        default=0.1, gt=0, le=1, description="Where the cosine schedule ends, as a fraction of lr."
+    )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip over the LoRA weights.")
     pairs_per_step: int = Field(default=4, ge=1, description="Labelled pairs per optimizer step (paper: 4).")
     steps_per_round: int = Field(default=100, ge=1, description="Optimizer steps per training round.")

@@ -64,6 +64,7 @@ from core.diffusion.training import (
     ReferenceCache,
     draw_step_indices,
     make_optimizer,
+    scheduled_lr,
     train_step,
     warm_reference_cache,
 )
@@ -398,6 +399,8 @@ class Trainer:
         for step in range(start_step, cfg.steps_per_round):
             gen, idx = self._draw(round_id, step, len(examples))
             batch = self._batch(examples, idx)
+            for group in optimizer.param_groups:  # set by the step's index, so a resumed round matches
+                group["lr"] = scheduled_lr(cfg, step)
             metrics.add(train_step(self.policy, optimizer, batch, cfg, schedule, gen, cache), cfg.clip)
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
@@ -427,6 +430,8 @@ class Trainer:
             "beta": cfg.beta,
             "clip": cfg.clip,
             "sampled_steps": cfg.sampled_steps,
+            "lr_schedule": cfg.lr_schedule,
+            "lr_last": scheduled_lr(cfg, cfg.steps_per_round - 1),
             "reference_cache_hit_rate": cache.hit_rate(),
         }
         if self.evaluate is not None:

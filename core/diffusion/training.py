@@ -18,6 +18,7 @@ units in the last place of float32). The batch can also carry its conditioning, 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -303,6 +304,15 @@ def warm_reference_cache(
         raise ValueError("a reference cache needs the batch's trajectory ids (PairBatch ids_w and ids_l)")
     rows = _StepRows.of(policy, r.z, r.steps, schedule)
     _reference_step_means(policy, rows, r.cond, schedule, batch.settings, cache=cache, keys=r.keys)
+
+
+def scheduled_lr(hp: DpoConfig, step: int) -> float:
+    """The learning rate of a round's optimizer step `step` (0-based) under `hp.lr_schedule`."""
+    if hp.lr_schedule == "constant" or hp.steps_per_round <= 1:
+        return hp.lr
+    progress = min(step, hp.steps_per_round - 1) / (hp.steps_per_round - 1)
+    ratio = hp.lr_final_ratio + (1.0 - hp.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return hp.lr * ratio
 
 
 def draw_step_indices(

@@ -80,6 +80,7 @@ class Draws:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.pairs: list[list[int]] = []
         self.steps: list[list[list[int]]] = []
+        self.lrs: list[float] = []  # the optimizer's learning rate at each step
         real_batch, real_step = rounds.Trainer._batch, rounds.train_step
 
         def batch(trainer: Any, examples: Any, idx: list[int]) -> Any:
@@ -88,6 +89,7 @@ class Draws:
             return real_batch(trainer, examples, idx)
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            self.lrs.append(args[1].param_groups[0]["lr"])
             metrics = real_step(*args, **kwargs)
             self.steps.append(metrics.step_indices.tolist())
             return metrics
@@ -101,10 +103,14 @@ class Draws:
         return out
 
 
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
 def test_a_round_moves_winners_up_and_a_resumed_round_repeats_its_draws(
-    loop_settings: Settings, redis: Any, monkeypatch: pytest.MonkeyPatch
+    loop_settings: Settings, redis: Any, monkeypatch: pytest.MonkeyPatch, lr_schedule: str
 ) -> None:
     settings = small(loop_settings)
+    settings = settings.model_copy(
+        update={"dpo": settings.dpo.model_copy(update={"lr_schedule": lr_schedule})}
+    )
     token = seed_database(settings)
     sampling.install(build_sampler(settings))
     assert refill_and_work(settings, redis) == 4
@@ -120,8 +126,12 @@ def test_a_round_moves_winners_up_and_a_resumed_round_repeats_its_draws(
     )
     monkeypatch.setattr(reference, "_publish", lambda *args: 0)
     assert reference.run_once() == 0
+    lrs, draws.lrs = draws.lrs, []
     uninterrupted = draws.take()
     assert len(uninterrupted) == settings.dpo.steps_per_round == 3
+    lr, ratio = settings.dpo.lr, settings.dpo.lr_final_ratio
+    expected_lrs = [lr] * 3 if lr_schedule == "constant" else [lr, lr * (1 + ratio) / 2, lr * ratio]
+    assert lrs == pytest.approx(expected_lrs)
     margins = mean_margin(reference.policy, pairs)
     # The winners' log-ratios rose relative to the losers': clearly on average, and in most pairs.
     assert float(margins.mean()) > 1e-3, margins.tolist()
@@ -137,9 +147,15 @@ def test_a_round_moves_winners_up_and_a_resumed_round_repeats_its_draws(
     resumed = build_trainer(settings)
     assert resumed.run_once() == 1
     assert draws.take() == uninterrupted[1:]
+    assert draws.lrs[-2:] == pytest.approx(expected_lrs[1:]), "the resumed steps keep the schedule"
     state = resumed.policy.lora_state()
     assert state.keys() == trained.keys()
     assert all(torch.equal(state[k], trained[k]) for k in trained), "the resumed round ended elsewhere"
     with make_session_factory(make_engine(settings.database_url))() as session:
         assert [r.status for r in session.scalars(select(TrainingRound))] == ["done"]
         assert session.scalar(select(PolicyVersion.version).order_by(PolicyVersion.version.desc())) == 1
+        metrics = session.scalar(select(PolicyVersion.metrics).where(PolicyVersion.version == 1))
+        assert metrics["lr_schedule"] == lr_schedule
+        # 3 steps: the cosine ends at lr_final_ratio x lr, the constant schedule at lr
+        final = settings.dpo.lr * (settings.dpo.lr_final_ratio if lr_schedule == "cosine" else 1.0)
+        assert metrics["lr_last"] == pytest.approx(final)

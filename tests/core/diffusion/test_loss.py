@@ -153,3 +153,19 @@ def test_weighted_loss_equals_the_hand_computed_value():
         dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.ones(2))
     with pytest.raises(ValueError, match="non-negative"):
         dense_dpo_loss(lw, ll, beta=beta, clip=clip, pair_weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_the_cosine_schedule_runs_from_lr_to_its_final_ratio():
+    from core.diffusion.training import scheduled_lr
+    from core.settings import DpoConfig
+
+    constant = DpoConfig(lr=1e-3, steps_per_round=5)
+    assert [scheduled_lr(constant, s) for s in range(5)] == [1e-3] * 5
+    cosine = DpoConfig(lr=1e-3, steps_per_round=5, lr_schedule="cosine", lr_final_ratio=0.1)
+    got = [scheduled_lr(cosine, s) for s in range(5)]
+    # 0.1 + 0.9 * (1 + cos(pi * s / 4)) / 2, times lr
+    expected = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * s / 4))) for s in range(5)]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert (
+        got[0] == pytest.approx(1e-3) and got[-1] == pytest.approx(1e-4) and got[2] == pytest.approx(5.5e-4)
+    )
