@@ -80,7 +80,14 @@ def summarise(scored: tuple[list[float], list[bool]], base: list[float]) -> dict
 
 
 def run_cell(
-    args: argparse.Namespace, gamma: float, beta: float, m: int, noise: float, pairing: str, seed: int
+    args: argparse.Namespace,
+    gamma: float,
+    beta: float,
+    m: int,
+    noise: float,
+    pairing: str,
+    lr_schedule: str,
+    seed: int,
 ) -> Iterator[dict[str, Any]]:
     """Yield the cell's rows as they are measured (version 0 first), so a cell cut short keeps them."""
     from fastapi.testclient import TestClient
@@ -115,6 +122,7 @@ def run_cell(
                 "gamma": gamma, "beta": beta, "sampled_steps": m, "clip": args.clip, "lr": args.lr,
                 "min_new_pairs": 1, "steps_per_round": args.round_steps,
                 "pairs_per_step": 4, "checkpoint_every": 1000, "seed": seed, "max_version_lag": 0,
+                "lr_schedule": lr_schedule,
             },
             # each published version is put to a blind vote against version 0 on the held-out prompts
             eval={"auto_votes": args.human_eval_votes, "prompt_split": "eval"},  # type: ignore[arg-type]
@@ -171,7 +179,8 @@ def run_cell(
                 }
             scores = {k: judge_cases(trainer.policy, judge, c, eval_settings) for k, c in cases.items()}
             row: dict[str, Any] = {
-                "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "pairing": pairing, "seed": seed,
+                "gamma": gamma, "beta": beta, "sampled_steps": m, "noise": noise, "pairing": pairing,
+                "lr_schedule": lr_schedule, "seed": seed,
                 "version": round_index, "labels_used": labels, "judge": args.judge,
                 "train": summarise(scores["train"], base["train"]),
                 "held_out": summarise(scores["held_out"], base["held_out"]),
@@ -236,10 +245,18 @@ def human_evaluation(
 
 
 def cell_argv(
-    argv: list[str], gamma: float, beta: float, m: int, noise: float, pairing: str, seed: int, out: Path
+    argv: list[str],
+    gamma: float,
+    beta: float,
+    m: int,
+    noise: float,
+    pairing: str,
+    lr_schedule: str,
+    seed: int,
+    out: Path,
 ) -> list[str]:
     """This script's command line for one cell: the grid options replaced, everything else kept."""
-    grid = {"--gammas", "--betas", "--ms", "--noises", "--pairings", "--seeds", "--out", "--jobs"}
+    grid = {"--gammas", "--betas", "--ms", "--noises", "--pairings", "--lr-schedules", "--seeds", "--out", "--jobs"}
     kept: list[str] = []
     skipping = False
     for arg in argv:
@@ -252,7 +269,7 @@ def cell_argv(
             continue
         kept.append(arg)
     cell = ["--gammas", str(gamma), "--betas", str(beta), "--ms", str(m), "--noises", str(noise)]
-    cell += ["--pairings", pairing]
+    cell += ["--pairings", pairing, "--lr-schedules", lr_schedule]
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -266,7 +283,7 @@ def cell_argv(
 
 
 def run_parallel(
-    argv: list[str], cells: list[tuple[float, float, int, float, str, int]], out: Path, jobs: int
+    argv: list[str], cells: list[tuple[float, float, int, float, str, str, int]], out: Path, jobs: int
 ) -> int:
     """Run each cell in its own process, `jobs` at a time; append their rows to `out` in grid order.
 
@@ -318,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["independent", "aligned"],
         help="how the worker draws a pair's two images (DENSEALIGN_POOL__PAIRING)",
     )
+    parser.add_argument(
+        "--lr-schedules",
+        nargs="+",
+        default=["constant"],
+        choices=["constant", "cosine"],
+        help="the learning rate over a round's steps (DENSEALIGN_DPO__LR_SCHEDULE)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pairs-per-round", type=int, default=64)
@@ -355,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cells = list(itertools.product(args.gammas, args.betas, args.ms, args.noises, args.pairings, args.seeds))
+    cells = list(
+        itertools.product(
+            args.gammas, args.betas, args.ms, args.noises, args.pairings, args.lr_schedules, args.seeds
+        )
+    )
     if args.jobs > 1 and len(cells) > 1:
         return run_parallel(sys.argv[1:] if argv is None else argv, cells, out, args.jobs)
     with out.open("a") as fh:

@@ -380,7 +380,7 @@ def plot(rows: list[dict[str, Any]], out: str) -> None:
 
 # -- options against today's default (issue 18) --------------------------------------------------------
 
-OPTION_DEFAULTS = {"pairing": "independent"}
+OPTION_DEFAULTS = {"pairing": "independent", "lr_schedule": "constant"}
 
 
 def option_of(r: dict[str, Any], axis: str) -> Any:
