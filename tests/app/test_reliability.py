@@ -5,7 +5,6 @@ votes against the answers; bad marks are refused with the value named."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -95,15 +94,13 @@ def test_bad_gold_marks_are_refused(
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """The app's test settings with pausing on: below 60% (upper end), after 5 measured votes."""
-    return Settings(
-        database_url="postgresql+psycopg://unused",
-        secret_key="test-secret-key",  # type: ignore[arg-type]
-        cookie_secure=False,
-        blob_dir=str(tmp_path / "blobs"),
-        public_base_url="http://testserver",
-        reliability={"pause_below": 0.6, "pause_min_votes": 5},  # type: ignore[arg-type]
+def settings(settings: Settings) -> Settings:
+    """The app's test settings (tests/app/conftest.py) with pausing on: below 60% (upper end), after 5
+    measured votes."""
+    return settings.model_copy(
+        update={
+            "reliability": settings.reliability.model_copy(update={"pause_below": 0.6, "pause_min_votes": 5})
+        }
     )
 
 
