@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -333,18 +333,27 @@ def train_step(
     schedule: DdimSchedule,
     generator: torch.Generator | None = None,
     reference_cache: ReferenceCache | None = None,
+    *,
+    step_idx: Tensor | None = None,
+    reduce_gradients: Callable[[], None] | None = None,
 ) -> StepMetrics:
     """One optimizer step on `batch`: sample steps, compute the loss, clip gradients, step.
 
     `reference_cache` (optional; the batch must name its trajectory ids): reuse the reference's step
-    means of rows seen earlier in the round instead of running the reference UNet on them again."""
+    means of rows seen earlier in the round instead of running the reference UNet on them again.
+    Data-parallel training (trainer/data_parallel.py) passes this rank's share of the whole batch's
+    (B, M) `step_idx` instead of drawing them, and `reduce_gradients`, called between the backward pass
+    and the clipping, to combine the ranks' gradients into the whole batch's."""
     if schedule.num_steps != batch.settings.num_steps:
         raise ValueError(
             f"schedule has {schedule.num_steps} steps but the pairs were sampled with {batch.settings.num_steps}"
         )
     b, n = len(batch.prompts), schedule.num_steps
     weights = discount_weights(n, hp.gamma)
-    step_idx = draw_step_indices(hp, n, b, generator)
+    if step_idx is None:
+        step_idx = draw_step_indices(hp, n, b, generator)
+    elif tuple(step_idx.shape[:1]) != (b,):
+        raise ValueError(f"step_idx must have one row per pair ({b}), got shape {tuple(step_idx.shape)}")
     pair_weights = batch.weights
     optimizer.zero_grad(set_to_none=True)
     logratio_w, logratio_l = pair_log_ratios(
@@ -362,6 +371,8 @@ def train_step(
     else:
         loss = dense_dpo_loss(logratio_w, logratio_l, beta=hp.beta, clip=hp.clip, pair_weights=pair_weights)
     loss.backward()
+    if reduce_gradients is not None:
+        reduce_gradients()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.lora_parameters(), hp.max_grad_norm)
     optimizer.step()
     return _metrics(hp, weights, step_idx, logratio_w, logratio_l, loss, grad_norm)
