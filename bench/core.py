@@ -111,9 +111,9 @@ class Counters:
     """UNet calls and rows (policy: adapter on; reference: off) and text-encoder calls of one policy."""
 
     def __init__(self, policy: Policy) -> None:
-        self.layer = next(m for m in policy.unet.modules() if isinstance(m, BaseTunerLayer))
+        self.layer = next(m for m in policy.denoiser.modules() if isinstance(m, BaseTunerLayer))
         self.reset()
-        policy.unet.register_forward_pre_hook(self._unet, with_kwargs=True)
+        policy.denoiser.register_forward_pre_hook(self._unet, with_kwargs=True)
         policy.pipe.text_encoder.register_forward_pre_hook(self._text)
 
     def reset(self) -> None:

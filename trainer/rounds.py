@@ -56,9 +56,15 @@ from core.db.training import (
     start_training_round,
     weigh_by_reliability,
 )
-from core.diffusion.ddim import DdimSchedule, ddim_schedule
+from core.diffusion.conditioning import Conditioning
 from core.diffusion.policy import Policy
-from core.diffusion.sampler import Conditioning, SamplerSettings, TrajectoryLatents, encode_prompts
+from core.diffusion.sampler import (
+    SamplerSettings,
+    StepSchedule,
+    TrajectoryLatents,
+    encode_prompts,
+    step_schedule,
+)
 from core.diffusion.training import (
     PairBatch,
     ReferenceCache,
@@ -357,7 +363,7 @@ class Trainer:
         examples: RoundExamples,
         round_id: int,
         steps: int,
-        schedule: DdimSchedule,
+        schedule: StepSchedule,
         cache: ReferenceCache,
     ) -> None:
         """Rebuild the cache a resumed round had at step `steps`: the reference part of each earlier step,
@@ -388,9 +394,7 @@ class Trainer:
         examples = self._load_examples(round_id)
         optimizer = self._start_state(base_version)
         ckpt_key = blob_keys.round_checkpoint(round_id)
-        schedule = ddim_schedule(
-            self.policy.pipe.scheduler, examples.settings.num_steps, self.policy.unet.device
-        )
+        schedule = step_schedule(self.policy.pipe, examples.settings)
         cache = ReferenceCache(int(cfg.reference_cache_mb * 2**20))
         metrics, start_step = self._resume(ckpt_key, optimizer, examples.settings.num_steps)
         if start_step:

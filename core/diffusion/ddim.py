@@ -43,6 +43,21 @@ class DdimSchedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def row_constants(self, step_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(abar_t, abar_prev) for each row's step index, shaped (rows, 1, 1, 1)."""
+        step_idx = step_idx.to("cpu")
+        return self.alpha_prod_t[step_idx].view(-1, 1, 1, 1), self.alpha_prod_t_prev[step_idx].view(
+            -1, 1, 1, 1
+        )
+
+    def step(
+        self, model_output: Tensor, sample: Tensor, alpha_t: Tensor, alpha_prev: Tensor, *, eta: float
+    ) -> tuple[Tensor, Tensor]:
+        """(mean, std) of the step from `sample` given the rows' constants (`row_constants`)."""
+        return ddim_step_mean(
+            model_output, sample, alpha_t, alpha_prev, eta=eta, prediction_type=self.prediction_type
+        )
+
 
 def ddim_schedule(scheduler: object, num_steps: int, device: torch.device | str = "cpu") -> DdimSchedule:
     """Read the step constants a diffusers `DDIMScheduler` would use for `num_steps` steps.

@@ -1,12 +1,20 @@
-"""Load a Stable Diffusion pipeline (hub id or local folder, offline-safe), or build a tiny one in code.
+"""Load a text-to-image pipeline (hub id or local folder, offline-safe), or build a tiny one in code.
 
-Every pipeline leaves here with a `DDIMScheduler` built from its own scheduler config (same betas),
-with x0 clipping off so that each step is an exact Gaussian (METHOD.md). SD 1.x/2.x and SDXL are
-supported; anything else is refused with a message that says what is supported.
+Two families of models are supported (`family_of`):
+- UNet diffusion models, SD 1.x/2.x ("sd") and SDXL ("sdxl"): every pipeline leaves here with a
+  `DDIMScheduler` built from its own scheduler config (same betas), with x0 clipping off so that each
+  step is an exact Gaussian (METHOD.md).
+- Flow-matching transformers, SD3/SD3.5 ("sd3") and FLUX.1 ("flux"): they keep their
+  `FlowMatchEulerDiscreteScheduler` (its shift and dynamic shifting), with stochastic sampling off;
+  the sampler replaces its Euler step by the SDE step of `flow.py`.
+Anything else is refused with a message that says what is supported.
 
 The tiny models use the sizes of diffusers' own fast pipeline tests (UNet block_out_channels
 (32, 64), a 2-block VAE, a 5-layer 32-wide CLIP text encoder) with the real CLIP BPE tokenizer that
-ships in `assets/clip_tokenizer`, so prompts tokenize exactly as they do for SD 1.5.
+ships in `assets/clip_tokenizer`, so prompts tokenize exactly as they do for SD 1.5. Tiny SD3 has a
+one-layer MM-DiT, a 16-channel VAE and two CLIP encoders, without the optional T5 encoder (SD3's own
+option: its tokens are zeros). Tiny FLUX needs its T5 encoder: a 2-layer one with a word-level
+tokenizer built in code (`tiny_t5_tokenizer`), since no T5 vocabulary ships with us.
 """
 
 from __future__ import annotations
@@ -21,20 +29,55 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
-TINY_IDS: dict[str, Literal["sd", "sdxl"]] = {"tiny:sd": "sd", "tiny:sdxl": "sdxl"}
-SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline)
-# A StableDiffusionPipeline or StableDiffusionXLPipeline. Typed as Any because diffusers registers a
-# pipeline's components (unet, vae, ...) at run time, so static attribute checks cannot see them.
+Family: TypeAlias = Literal["sd", "sdxl", "sd3", "flux"]
+TINY_IDS: dict[str, Family] = {"tiny:sd": "sd", "tiny:sdxl": "sdxl", "tiny:sd3": "sd3", "tiny:flux": "flux"}
+# Pipeline class -> family, checked with isinstance (a subclass of one of them counts as it).
+FAMILIES: dict[type, Family] = {
+    StableDiffusionXLPipeline: "sdxl",
+    StableDiffusionPipeline: "sd",
+    StableDiffusion3Pipeline: "sd3",
+    FluxPipeline: "flux",
+}
+FLOW_FAMILIES: tuple[Family, ...] = ("sd3", "flux")
+# A pipeline of one of the FAMILIES. Typed as Any because diffusers registers a pipeline's components
+# (unet, transformer, vae, ...) at run time, so static attribute checks cannot see them.
 Pipeline: TypeAlias = Any
+
+
+def family_of(pipe: Pipeline) -> Family:
+    """ "sd", "sdxl", "sd3" or "flux", from the pipeline's class."""
+    for cls, family in FAMILIES.items():
+        if isinstance(pipe, cls):
+            return family
+    raise ValueError(_unsupported(pipe))
+
+
+def denoiser(pipe: Pipeline) -> Any:
+    """The network the adapter goes on: the UNet of SD/SDXL, the transformer of SD3/FLUX."""
+    return pipe.transformer if family_of(pipe) in FLOW_FAMILIES else pipe.unet
 
 
 class ModelNotFoundError(LookupError):
@@ -44,7 +87,8 @@ class ModelNotFoundError(LookupError):
 def load_pipeline(
     model: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> Pipeline:
-    """Load a SD 1.x/2.x or SDXL pipeline from a local folder, a hub id, or a tiny id ("tiny:sd", "tiny:sdxl").
+    """Load a pipeline of a supported family from a local folder, a hub id, or a tiny id ("tiny:sd",
+    "tiny:sdxl", "tiny:sd3", "tiny:flux").
 
     With HF_HUB_OFFLINE=1 a hub id must already be in the Hugging Face cache. `seed` only seeds the
     random initialisation of the tiny models.
@@ -53,16 +97,27 @@ def load_pipeline(
         pipe: Any = tiny_pipeline(TINY_IDS[model], seed=seed)
     else:
         pipe = _from_pretrained(model, dtype)
-    if not isinstance(pipe, SUPPORTED):
-        raise ValueError(
-            f"{model!r} is a {type(pipe).__name__}; DenseAlign supports StableDiffusionPipeline (SD 1.x/2.x) "
-            "and StableDiffusionXLPipeline"
+    try:
+        family = family_of(pipe)
+    except ValueError as exc:
+        raise ValueError(f"{model!r}: {exc}") from None
+    if family in FLOW_FAMILIES:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, stochastic_sampling=False
         )
-    pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
+    else:
+        pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if pipe.unet.dtype != dtype:
+    if denoiser(pipe).dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe.to(device)
+
+
+def _unsupported(pipe: Any) -> str:
+    return (
+        f"a {type(pipe).__name__} is not supported; DenseAlign supports StableDiffusionPipeline (SD 1.x/2.x), "
+        "StableDiffusionXLPipeline, StableDiffusion3Pipeline (SD3, SD3.5) and FluxPipeline (FLUX.1)"
+    )
 
 
 def ddim_scheduler_from(config: Any) -> DDIMScheduler:
@@ -175,9 +230,24 @@ def sd_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DCon
     )
 
 
-def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", *, seed: int = 0) -> Pipeline:
-    """A randomly initialised SD or SDXL pipeline small enough for CPU tests (64 px images, 32x32 latents)."""
+def tiny_pipeline(kind: Family = "sd", *, seed: int = 0) -> Pipeline:
+    """A randomly initialised pipeline of `kind` small enough for CPU tests (64 px images; 32x32 latents,
+    4 channels for SD/SDXL, 16 for SD3/FLUX)."""
     torch.manual_seed(seed)
+    pipe = _tiny_pipeline(kind)
+    # Built modules start in training mode (T5's dropout would make every encoding random); loaded
+    # ones are in eval mode, and so are these.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _tiny_pipeline(kind: Family) -> Pipeline:
+    if kind == "sd3":
+        return tiny_sd3_pipeline()
+    if kind == "flux":
+        return tiny_flux_pipeline()
     if kind == "sd":
         unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=32)
         vae = tiny_vae()
@@ -206,4 +276,150 @@ def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", *, seed: int = 0) -> Pipel
             unet=unet,
             scheduler=sd_scheduler(),
         )
-    raise ValueError(f"tiny pipeline kind must be 'sd' or 'sdxl', got {kind!r}")
+    raise ValueError(f"tiny pipeline kind must be one of {sorted(set(TINY_IDS.values()))}, got {kind!r}")
+
+
+def tiny_flow_vae() -> AutoencoderKL:
+    """The 2-block VAE with SD3/FLUX's 16 latent channels, shift and scale, and no quant convs."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def tiny_sd3_pipeline() -> Pipeline:
+    """SD3 in miniature: a 1-layer MM-DiT (patch 2, 4 heads of 8), two 32-wide CLIP encoders, no T5."""
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,  # the two CLIP encoders' 32 + 32 features, as T5's width would be
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    config = tiny_text_encoder_config(hidden_act="gelu", projection_dim=32)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(config),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A word-level T5 tokenizer built in code (lower-cased words and punctuation of the shapes grammar
+    and common English, unknown words -> <unk>, "</s>" appended), so tiny FLUX needs no download."""
+    words = [
+        "a",
+        "an",
+        "the",
+        "of",
+        "and",
+        "on",
+        "in",
+        "with",
+        "to",
+        "at",
+        "by",
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "purple",
+        "orange",
+        "white",
+        "black",
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "small",
+        "large",
+        "big",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "above",
+        "below",
+        "next",
+        "photo",
+        "picture",
+        "painting",
+        "cat",
+        "dog",
+    ]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    )
+
+
+def tiny_flux_pipeline() -> Pipeline:
+    """FLUX.1-dev in miniature: one double and one single stream block, guidance embedding, a 32-wide
+    CLIP and a 2-layer 32-wide T5 encoder, dynamic shifting as FLUX.1's scheduler config."""
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        out_channels=None,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    tokenizer_2 = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_flow_vae(),
+        text_encoder=CLIPTextModel(tiny_text_encoder_config(hidden_act="gelu", projection_dim=32)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )

@@ -1,10 +1,12 @@
-"""The policy: a Stable Diffusion pipeline plus one trainable LoRA adapter on its UNet (peft).
+"""The policy: a pipeline plus one trainable LoRA adapter (peft) on its denoiser: the UNet of SD/SDXL,
+the transformer of SD3/FLUX (`models.denoiser`).
 
 - The reference policy pi_ref is the same UNet with the adapter disabled (`Policy.reference()`), so
   no second copy of the base weights is kept; a test checks it equals the base model exactly.
-- `save_adapter` writes diffusers-format `pytorch_lora_weights.safetensors` (keys prefixed `unet.`,
-  the peft config in the file's metadata) that a stock `pipeline.load_lora_weights(folder)` loads
-  unchanged; the write is atomic and returns the file's sha256.
+- `save_adapter` writes diffusers-format `pytorch_lora_weights.safetensors` (keys prefixed `unet.`
+  in diffusers' UNet naming, or `transformer.` in peft naming as diffusers' SD3/FLUX training scripts
+  write them; the peft config in the file's metadata) that a stock `pipeline.load_lora_weights(folder)`
+  loads unchanged; the write is atomic and returns the file's sha256.
 - `hot_swap` copies a saved adapter's tensors into the live LoRA parameters in place: no pipeline
   reload, no new modules. It refuses a file whose keys or shapes (e.g. rank) do not match.
 - `fuse()` (workers only; the trainer never calls it) turns on fused sampling: each adapted layer's
@@ -41,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 from torch import Tensor
 
-from core.diffusion.models import Pipeline, load_pipeline
+from core.diffusion.models import FLOW_FAMILIES, Family, Pipeline, denoiser, family_of, load_pipeline
 from core.storage import BlobStore, get_verified
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class AdapterMismatchError(ValueError):
-    """A saved adapter does not fit the policy's LoRA layout (different rank or target modules)."""
+    """A saved adapter does not fit the policy's LoRA layout (another model family, rank or target modules)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class LoraSettings:
     rank: int = 4
     # LoRA alpha; the update is scaled by alpha / rank. None = rank (scale 1).
     alpha: float | None = None
-    # Names of the UNet sub-modules that get an adapter (peft `target_modules`).
+    # Names of the denoiser's sub-modules that get an adapter (peft `target_modules`); the default, the
+    # attention projections, exists in the UNet and in SD3's and FLUX's transformer blocks alike.
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
@@ -86,31 +89,38 @@ class LoraSettings:
 
 
 class Policy:
-    """A pipeline whose UNet carries one trainable LoRA adapter; everything else is frozen."""
+    """A pipeline whose denoiser carries one trainable LoRA adapter; everything else is frozen."""
 
     def __init__(self, pipe: Pipeline, lora: LoraSettings | None = None) -> None:
         self.pipe = pipe
         self.lora = lora or LoraSettings()
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        self.family: Family = family_of(pipe)
+        self.denoiser: Any = denoiser(pipe)
+        # the adapter file's key prefix (diffusers' component name)
+        self.component = "transformer" if self.family in FLOW_FAMILIES else "unet"
+        encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        for module in (self.denoiser, pipe.vae, *(getattr(pipe, name, None) for name in encoders)):
             if module is not None:
                 module.requires_grad_(False)
-        pipe.unet.add_adapter(self.lora.peft_config(), adapter_name=ADAPTER)
+        self.denoiser.add_adapter(self.lora.peft_config(), adapter_name=ADAPTER)
         # LoRA weights stay float32 whatever the base dtype (as diffusers' training scripts do), so
         # AdamW's small updates are not rounded away in fp16; peft casts activations to match.
-        for name, param in pipe.unet.named_parameters():
+        for name, param in self.denoiser.named_parameters():
             if ".lora_" in name:
                 param.data = param.data.to(torch.float32)
         self._param_by_key = {
             name.replace(f".{ADAPTER}.", "."): param
-            for name, param in pipe.unet.named_parameters()
+            for name, param in self.denoiser.named_parameters()
             if ".lora_" in name
         }
         if not self._param_by_key:
-            raise ValueError(f"no UNet module matched LoRA target_modules {self.lora.target_modules}")
+            raise ValueError(
+                f"no {self.component} module matched LoRA target_modules {self.lora.target_modules}"
+            )
         for param in self._param_by_key.values():
             param.requires_grad_(True)
         self._layers: list[Any] = [
-            m for m in pipe.unet.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
+            m for m in self.denoiser.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A
         ]
         self._fused: _FusedWeights | None = None
 
@@ -131,7 +141,7 @@ class Policy:
         self._fused = _FusedWeights(
             base=[w.data for w in weights],
             buffers=[torch.empty_like(w.data) for w in weights],
-            hook=self.pipe.unet.register_forward_pre_hook(_refuse_gradients),
+            hook=self.denoiser.register_forward_pre_hook(_refuse_gradients),
         )
         self._write_fused()
 
@@ -161,16 +171,12 @@ class Policy:
                 # peft's forward runs the base layer alone for a merged layer
                 layer.merged_adapters[:] = [ADAPTER]
 
-    @property
-    def unet(self) -> Any:
-        return self.pipe.unet
-
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._param_by_key.values())
 
     @contextmanager
     def reference(self) -> Iterator[None]:
-        """Run the block as pi_ref: the base UNet with the adapter switched off."""
+        """Run the block as pi_ref: the base denoiser with the adapter switched off."""
         if self._fused is not None:
             # peft's disable_adapters would unmerge by subtraction; point the layers at W0 instead
             weights = [layer.get_base_layer().weight for layer in self._layers]
@@ -183,34 +189,37 @@ class Policy:
                 for w, data in zip(weights, fused, strict=True):
                     w.data = data
             return
-        self.pipe.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         try:
             yield
         finally:
-            self.pipe.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def lora_state(self) -> dict[str, Tensor]:
         """A CPU copy of the live LoRA tensors (peft key names), which `hot_swap` accepts back."""
         return {key: param.detach().to("cpu").clone() for key, param in self._param_by_key.items()}
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        """The adapter in diffusers' key format, without the `unet.` prefix."""
-        peft_sd = get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)
-        return {
-            k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(peft_sd).items()
-        }
+        """The adapter as the stock loaders take it, without the component prefix: diffusers' key format
+        for a UNet, peft's for a transformer (what diffusers' SD3/FLUX training scripts save)."""
+        peft_sd = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER)
+        if self.component == "unet":
+            peft_sd = convert_state_dict_to_diffusers(peft_sd)
+        return {k: v.detach().to("cpu").contiguous() for k, v in peft_sd.items()}
 
     def save_adapter(self, folder: str | Path) -> tuple[Path, str]:
         """Write `folder/pytorch_lora_weights.safetensors` atomically; returns (path, sha256 hex)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        metadata = self.pipe.unet.peft_config[ADAPTER].to_dict()
+        metadata = self.denoiser.peft_config[ADAPTER].to_dict()
         with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-lora-") as tmp:
             type(self.pipe).save_lora_weights(
                 tmp,
-                unet_lora_layers=self.adapter_state_dict(),
                 weight_name=WEIGHT_NAME,
-                unet_lora_adapter_metadata=metadata,
+                **{
+                    f"{self.component}_lora_layers": self.adapter_state_dict(),
+                    f"{self.component}_lora_adapter_metadata": metadata,
+                },
             )
             written = Path(tmp) / WEIGHT_NAME
             with open(written, "rb+") as fh:
@@ -223,9 +232,16 @@ class Policy:
         """Copy a saved adapter's weights into the live LoRA parameters, in place.
 
         `source` is a folder holding pytorch_lora_weights.safetensors, that file, or a state dict in
-        the file's format (keys with or without the `unet.` prefix).
+        the file's format (keys with or without the `unet.` / `transformer.` prefix).
         """
         state = self._read_adapter(source, expected_sha256)
+        other = "transformer" if self.component == "unet" else "unet"
+        if any(key.startswith(f"{other}.") for key in state):
+            raise AdapterMismatchError(
+                f"this adapter was trained on a {other} ({'SD3/FLUX' if other == 'transformer' else 'SD/SDXL'}) "
+                f"model; this process runs a {self.family} model: point DENSEALIGN_MODEL__BASE_MODEL at the "
+                "base model the adapter was trained on"
+            )
         if set(state) != set(self._param_by_key):
             missing = sorted(set(self._param_by_key) - set(state))[:3]
             extra = sorted(set(state) - set(self._param_by_key))[:3]
@@ -246,10 +262,26 @@ class Policy:
         if self._fused is not None:
             self._write_fused()
 
-    def load_published(self, blobs: BlobStore, lora_key: str | None, lora_sha256: str | None) -> None:
+    def load_published(
+        self,
+        blobs: BlobStore,
+        lora_key: str | None,
+        lora_sha256: str | None,
+        *,
+        family: str | None = None,
+        version: int | None = None,
+    ) -> None:
         """Load a published version's adapter from the blob store, checked against the sha256 recorded
         with the version (`BlobCorrupt` names the blob otherwise); no key = version 0, the base model.
-        The one way workers, the trainer and `densealign eval` load a version."""
+        `family`: the model family the version records (None: not recorded, older versions); another
+        family than this policy's is refused before anything is read. The one way workers, the trainer
+        and `densealign eval` load a version."""
+        if family is not None and family != self.family:
+            raise AdapterMismatchError(
+                f"policy version {version if version is not None else '?'} was trained on a {family} model, "
+                f"but this process runs a {self.family} model: set DENSEALIGN_MODEL__BASE_MODEL to the base "
+                "model the deployment trains (workers and trainer must agree)"
+            )
         if lora_key is None:
             self.reset_adapter()
             return
@@ -284,8 +316,11 @@ class Policy:
                     f"adapter {str(path)!r} does not match its sha256 {expected_sha256}: file corrupt"
                 )
             raw = load_file(str(path))
-        stripped = {(k[len("unet.") :] if k.startswith("unet.") else k): v for k, v in raw.items()}
-        return convert_unet_state_dict_to_peft(stripped)
+        prefix = f"{self.component}."
+        stripped = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in raw.items()}
+        if self.component == "unet":
+            return convert_unet_state_dict_to_peft(stripped)
+        return stripped
 
 
 @dataclass

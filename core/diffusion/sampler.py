@@ -1,4 +1,4 @@
-"""Sample whole trajectories z_0 .. z_N with a Stable Diffusion (SD 1.x/2.x or SDXL) pipeline.
+"""Sample whole trajectories z_0 .. z_N with a SD 1.x/2.x, SDXL, SD3 or FLUX pipeline.
 
 Adapted from the denoising loops of diffusers' `StableDiffusionPipeline.__call__` and
 `StableDiffusionXLPipeline.__call__` (diffusers 0.42.1), with these changes: the DDIM step is our
@@ -9,7 +9,8 @@ guidance rescale or callbacks. With the same prompts, seeds and settings the fin
 bit-identical on CPU to the stock call with a `DDIMScheduler` (tested).
 
 A `TrajectoryLatents` round-trips through safetensors: latents as float16 (the storage format workers
-write to the blob store), log-probs float32, timesteps int64, everything else as JSON metadata. The
+write to the blob store), log-probs float32, timesteps as the scheduler's (int64 DDIM, float32 flow
+matching), everything else as JSON metadata. The
 metadata also carries a sha256 of the rest of the header and of the tensor bytes, so a flipped byte
 in a stored trajectory is refused when it is read back (`TrajectoryCorrupt`) instead of being trained
 on; files written before the checksum existed are read unchecked.
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import SafetensorError
@@ -34,15 +34,19 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from core.diffusion.conditioning import Conditioning, encode, native_size, predict
 from core.diffusion.ddim import (
     DdimSchedule,
     Reduction,
     ddim_schedule,
     ddim_step_mean,
     gaussian_log_prob,
-    guide,
 )
-from core.diffusion.models import Pipeline
+from core.diffusion.flow import FlowSchedule, flow_schedule, flow_step_mean
+from core.diffusion.models import FLOW_FAMILIES, Pipeline, denoiser, family_of
+
+# The schedule of either family: DDIM (SD, SDXL) or flow matching (SD3, FLUX).
+StepSchedule = DdimSchedule | FlowSchedule
 
 FORMAT_VERSION = "1"
 # Metadata key of a trajectory file's own checksum (see `_checksum`).
@@ -89,108 +93,14 @@ class SamplerSettings:
         return asdict(self)
 
 
-@dataclass
-class Conditioning:
-    """Text conditioning for a batch, kept as separate unconditional / conditional halves."""
-
-    cond: Tensor  # (batch, tokens, dim)
-    uncond: Tensor  # (batch, tokens, dim)
-    cond_added: dict[str, Tensor] | None = None  # SDXL: text_embeds (batch, P), time_ids (batch, 6)
-    uncond_added: dict[str, Tensor] | None = None
-
-    def index(self, idx: Tensor) -> Conditioning:
-        """Select (and repeat) rows, e.g. one row per sampled step of each pair."""
-
-        def pick(d: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-            return None if d is None else {k: v[idx] for k, v in d.items()}
-
-        return Conditioning(self.cond[idx], self.uncond[idx], pick(self.cond_added), pick(self.uncond_added))
-
-    @staticmethod
-    def concat(parts: list[Conditioning]) -> Conditioning:
-        """The rows of `parts`, in order, as one batch (e.g. prompts encoded in chunks)."""
-
-        def cat(ds: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
-            first = ds[0]
-            return (
-                None if first is None else {k: torch.cat([d[k] for d in ds if d is not None]) for k in first}
-            )
-
-        return Conditioning(
-            torch.cat([p.cond for p in parts]),
-            torch.cat([p.uncond for p in parts]),
-            cat([p.cond_added for p in parts]),
-            cat([p.uncond_added for p in parts]),
-        )
-
-
 def encode_prompts(pipe: Pipeline, prompts: list[str], settings: SamplerSettings) -> Conditioning:
-    """Encode prompts the way the stock pipeline does (no gradient: the text encoders are frozen)."""
-    device = pipe.unet.device
-    negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(prompts)
-    with torch.no_grad():
-        if isinstance(pipe, StableDiffusionXLPipeline):
-            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-                prompt=prompts,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=negative,
-            )
-            height, width = image_size(pipe, settings)
-            time_ids = pipe._get_add_time_ids(
-                (height, width),
-                (0, 0),
-                (height, width),
-                dtype=cond.dtype,
-                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-            ).to(device)
-            time_ids = time_ids.repeat(len(prompts), 1)  # (batch, 6)
-            return Conditioning(
-                cond,
-                uncond,
-                {"text_embeds": pooled, "time_ids": time_ids},
-                {"text_embeds": uncond_pooled, "time_ids": time_ids},
-            )
-        cond, uncond = pipe.encode_prompt(
-            prompts,
-            device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative,
-        )
-    return Conditioning(cond, uncond)
-
-
-def guided_noise(
-    unet: Any, latents: Tensor, timestep: Tensor, cond: Conditioning, guidance_scale: float
-) -> Tensor:
-    """eps_hat = eps_u + w (eps_c - eps_u) for (batch, C, H, W) latents; `timestep` 0-dim or (batch,)."""
-    if guidance_scale <= 1.0:  # the stock pipelines skip the unconditional branch here too
-        return unet(
-            latents,
-            timestep,
-            encoder_hidden_states=cond.cond,
-            added_cond_kwargs=cond.cond_added,
-            return_dict=False,
-        )[0]
-    t = timestep if timestep.ndim == 0 else torch.cat([timestep, timestep])
-    added = None
-    if cond.cond_added is not None and cond.uncond_added is not None:
-        added = {k: torch.cat([cond.uncond_added[k], cond.cond_added[k]]) for k in cond.cond_added}
-    out = unet(
-        torch.cat([latents] * 2),
-        t,
-        encoder_hidden_states=torch.cat([cond.uncond, cond.cond]),
-        added_cond_kwargs=added,
-        return_dict=False,
-    )[0]
-    eps_uncond, eps_cond = out.chunk(2)
-    return guide(eps_uncond, eps_cond, guidance_scale)
+    """Encode prompts the way the family's stock pipeline does (no gradient: the encoders are frozen)."""
+    height, width = image_size(pipe, settings)
+    return encode(pipe, prompts, negative_prompt=settings.negative_prompt, height=height, width=width)
 
 
 def image_size(pipe: Pipeline, settings: SamplerSettings) -> tuple[int, int]:
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     return settings.height or native, settings.width or native
 
 
@@ -201,7 +111,9 @@ class TrajectoryLatents:
     prompt: str
     seed: int
     latents: Tensor  # (num_steps + 1, C, H, W); z_0 is the initial noise, z_N the final latent
-    timesteps: Tensor  # (num_steps,) int64, timesteps[i] is the one step i starts from
+    timesteps: (
+        Tensor  # (num_steps,) int64 (DDIM) or float32 (flow), timesteps[i] is the one step i starts from
+    )
     log_probs: Tensor  # (num_steps,) float32, log pi(z_{i+1} | z_i, c) at sampling time
     settings: SamplerSettings
     extra: dict[str, Any] = field(default_factory=dict)
@@ -218,7 +130,8 @@ class TrajectoryLatents:
         }
         tensors = {
             "latents": self.latents.detach().to("cpu", torch.float16).contiguous(),
-            "timesteps": self.timesteps.detach().to("cpu", torch.int64).contiguous(),
+            # int64 DDIM timesteps; flow-matching ones are float32 (sigma * 1000)
+            "timesteps": self.timesteps.detach().to("cpu").contiguous(),
             "log_probs": self.log_probs.detach().to("cpu", torch.float32).contiguous(),
         }
         # Adding the checksum to the metadata changes neither the tensors' header entries nor their bytes.
@@ -278,7 +191,7 @@ class TrajectoryBatch:
     prompts: list[str]
     seeds: list[int]
     latents: Tensor  # (batch, num_steps + 1, C, H, W) float32
-    timesteps: Tensor  # (num_steps,) int64
+    timesteps: Tensor  # (num_steps,) int64 (DDIM) or float32 (flow)
     log_probs: Tensor  # (batch, num_steps) float32
     images: np.ndarray  # (batch, height, width, 3) float32 in [0, 1], as the stock output_type="np"
     settings: SamplerSettings
@@ -303,14 +216,35 @@ class TrajectoryBatch:
         return [Image.fromarray((img * 255).round().astype("uint8")) for img in self.images]
 
 
+def step_schedule(pipe: Pipeline, settings: SamplerSettings) -> StepSchedule:
+    """The per-step constants the pipeline's scheduler uses for `settings` (sets its timesteps as the
+    stock call does): a DDIM schedule for SD/SDXL, a flow-matching one for SD3/FLUX."""
+    device = denoiser(pipe).device
+    family = family_of(pipe)
+    if family not in FLOW_FAMILIES:
+        return ddim_schedule(pipe.scheduler, settings.num_steps, device)
+    height, width = image_size(pipe, settings)
+    latent_h, latent_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+    patch = 2 if family == "flux" else pipe.transformer.config.patch_size
+    return flow_schedule(
+        pipe.scheduler,
+        settings.num_steps,
+        image_seq_len=(latent_h // patch) * (latent_w // patch),
+        flux=family == "flux",
+        device=device,
+    )
+
+
 @torch.no_grad()
 def sample_trajectories(
     pipe: Pipeline,
     prompts: list[str],
     seeds: list[int],
     settings: SamplerSettings,
-    schedule: DdimSchedule | None = None,
+    schedule: StepSchedule | None = None,
     z0_seeds: Sequence[int | None] | None = None,
+    *,
+    deterministic: bool = False,
 ) -> TrajectoryBatch:
     """Sample one trajectory per (prompt, seed) with the pipeline's current weights (adapter included).
 
@@ -320,51 +254,48 @@ def sample_trajectories(
     with one z0 seed and different seeds start alike and differ only in the per-step noise (an aligned
     pair). The stock pipeline redraws such a sample with `latents=randn(shape, Generator().manual_seed
     (z0_seed))` and `generator=Generator().manual_seed(seed)` (the DDIM scheduler's initial sigma is 1).
+
+    SD3/FLUX take the SDE step of `flow.py` with noise level `settings.eta`. `deterministic=True` runs
+    the noise-free chain instead (DDIM eta 0 / the stock Euler ODE step): no step noise, log-probs 0;
+    it exists to check the chain against the stock pipeline, never to train on.
     """
-    if settings.num_steps != (schedule.num_steps if schedule else settings.num_steps):
-        raise ValueError(
-            f"schedule has {schedule.num_steps if schedule else 0} steps, settings ask for {settings.num_steps}"
-        )
+    if schedule is not None and settings.num_steps != schedule.num_steps:
+        raise ValueError(f"schedule has {schedule.num_steps} steps, settings ask for {settings.num_steps}")
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     if z0_seeds is not None and len(z0_seeds) != len(seeds):
         raise ValueError(
             f"need one z0 seed (or None) per sample, got {len(z0_seeds)} for {len(seeds)} samples"
         )
-    device = pipe.unet.device
+    net = denoiser(pipe)
+    device = net.device
     # 1. conditioning, schedule, initial noise z_0 (one generator per sample)
     cond = encode_prompts(pipe, prompts, settings)
-    schedule = schedule or ddim_schedule(pipe.scheduler, settings.num_steps, device)
+    schedule = schedule or step_schedule(pipe, settings)
     height, width = image_size(pipe, settings)
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     z0_generators = [
         g if z0 is None else torch.Generator(device=device).manual_seed(int(z0))
         for g, z0 in zip(generators, z0_seeds or [None] * len(seeds), strict=True)
     ]
-    latents = pipe.prepare_latents(
-        len(prompts), pipe.unet.config.in_channels, height, width, cond.cond.dtype, device, z0_generators
+    shape = (
+        len(prompts),
+        latent_channels(pipe),
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
     )
-    trajectory = [latents]
-    log_probs = []
-    alpha_t = schedule.alpha_prod_t.to(device)
-    alpha_prev = schedule.alpha_prod_t_prev.to(device)
+    latents = randn_tensor(shape, generator=z0_generators, device=device, dtype=cond.cond.dtype)
     # 2. the reverse chain: step i takes z_i to z_{i+1}
-    for i, t in enumerate(schedule.timesteps.to(device)):
-        eps = guided_noise(pipe.unet, latents, t, cond, settings.guidance_scale)
-        mean, std = ddim_step_mean(
-            eps,
-            latents,
-            alpha_t[i],
-            alpha_prev[i],
-            eta=settings.eta,
-            prediction_type=schedule.prediction_type,
+    if isinstance(schedule, DdimSchedule):
+        trajectory, log_probs = _ddim_chain(
+            pipe, latents, schedule, cond, settings, generators, deterministic
         )
-        noise = randn_tensor(eps.shape, generator=generators, device=device, dtype=eps.dtype)
-        latents = mean + std * noise
-        log_probs.append(gaussian_log_prob(latents, mean, std, reduction=settings.reduction))
-        trajectory.append(latents)
+    else:
+        trajectory, log_probs = _flow_chain(
+            pipe, latents, schedule, cond, settings, generators, deterministic
+        )
     # 3. decode z_N
-    images = decode_latents(pipe, latents)
+    images = decode_latents(pipe, trajectory[-1])
     return TrajectoryBatch(
         prompts=list(prompts),
         seeds=[int(s) for s in seeds],
@@ -377,10 +308,84 @@ def sample_trajectories(
     )
 
 
+def latent_channels(pipe: Pipeline) -> int:
+    """Channels of the (unpacked) latents: FLUX's transformer sees them packed 2x2, four times as many."""
+    if family_of(pipe) == "flux":
+        return int(pipe.transformer.config.in_channels) // 4
+    return int(denoiser(pipe).config.in_channels)
+
+
+def _ddim_chain(
+    pipe: Pipeline,
+    latents: Tensor,
+    schedule: DdimSchedule,
+    cond: Conditioning,
+    settings: SamplerSettings,
+    generators: list[torch.Generator],
+    deterministic: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    device = latents.device
+    trajectory, log_probs = [latents], []
+    alpha_t = schedule.alpha_prod_t.to(device)
+    alpha_prev = schedule.alpha_prod_t_prev.to(device)
+    eta = 0.0 if deterministic else settings.eta
+    for i, t in enumerate(schedule.timesteps.to(device)):
+        eps = predict(pipe, latents, t, cond, settings.guidance_scale)
+        mean, std = ddim_step_mean(
+            eps, latents, alpha_t[i], alpha_prev[i], eta=eta, prediction_type=schedule.prediction_type
+        )
+        if deterministic:
+            latents = mean
+            log_probs.append(torch.zeros(latents.shape[0], device=device))
+        else:
+            noise = randn_tensor(eps.shape, generator=generators, device=device, dtype=eps.dtype)
+            latents = mean + std * noise
+            log_probs.append(gaussian_log_prob(latents, mean, std, reduction=settings.reduction))
+        trajectory.append(latents)
+    return trajectory, log_probs
+
+
+def _flow_chain(
+    pipe: Pipeline,
+    latents: Tensor,
+    schedule: FlowSchedule,
+    cond: Conditioning,
+    settings: SamplerSettings,
+    generators: list[torch.Generator],
+    deterministic: bool,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The SDE chain in float32 (latents are cast to the denoiser's dtype only for its call)."""
+    device = latents.device
+    dtype = latents.dtype
+    trajectory, log_probs = [latents], []
+    sigmas = schedule.sigmas.to(device)
+    noise_level = 0.0 if deterministic else settings.eta
+    for i, t in enumerate(schedule.timesteps.to(device)):
+        v = predict(
+            pipe, latents.to(dtype), t, cond, settings.guidance_scale, timestep_scale=schedule.timestep_scale
+        )
+        mean, std = flow_step_mean(
+            v, latents, sigmas[i], sigmas[i + 1], sigma_max=schedule.sigma_max, noise_level=noise_level
+        )
+        if deterministic:
+            latents = mean.to(v.dtype)  # the stock scheduler returns the model output's dtype
+            log_probs.append(torch.zeros(latents.shape[0], device=device))
+        else:
+            noise = randn_tensor(mean.shape, generator=generators, device=device, dtype=torch.float32)
+            latents = mean + std * noise
+            log_probs.append(gaussian_log_prob(latents, mean, std, reduction=settings.reduction))
+        trajectory.append(latents)
+    return trajectory, log_probs
+
+
 @torch.no_grad()
 def decode_latents(pipe: Pipeline, latents: Tensor) -> np.ndarray:
     """Decode final latents to (batch, H, W, 3) float images in [0, 1], as the stock pipelines do."""
     vae = pipe.vae
+    if family_of(pipe) in FLOW_FAMILIES:  # SD3 and FLUX: scale, then shift
+        shifted = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(shifted.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="np")
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:

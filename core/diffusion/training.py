@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.diffusion.ddim import DdimSchedule, ddim_step_mean, gaussian_log_ratio
+from core.diffusion.conditioning import Conditioning, predict
+from core.diffusion.ddim import gaussian_log_prob, gaussian_log_ratio
+from core.diffusion.flow import FlowSchedule
 from core.diffusion.loss import (
     dense_dpo_loss,
     dense_dpo_loss_exact,
@@ -35,7 +37,7 @@ from core.diffusion.loss import (
     sample_step_indices,
 )
 from core.diffusion.policy import Policy
-from core.diffusion.sampler import Conditioning, SamplerSettings, encode_prompts, guided_noise
+from core.diffusion.sampler import SamplerSettings, StepSchedule, encode_prompts
 from core.settings import DpoConfig
 
 
@@ -131,54 +133,68 @@ class ReferenceCache:
 
 @dataclass(frozen=True)
 class _StepRows:
-    """What the DDIM step of rows (z_i, i) needs besides the noise prediction, on the UNet's device."""
+    """What the step of rows (z_i, i) needs besides the denoiser's prediction, on the denoiser's device.
+    `a`, `b` are the schedule's per-row constants: (abar_t, abar_prev) for DDIM, (sigma_i, sigma_{i+1})
+    for flow matching (`row_constants`)."""
 
     latents: Tensor  # (rows, C, H, W) float32
-    unet_in: Tensor  # (rows, C, H, W) in the UNet's dtype
+    model_in: Tensor  # (rows, C, H, W) in the denoiser's dtype
     t: Tensor  # (rows,)
-    alpha_t: Tensor  # (rows, 1, 1, 1)
-    alpha_prev: Tensor  # (rows, 1, 1, 1)
+    a: Tensor  # (rows, 1, 1, 1)
+    b: Tensor  # (rows, 1, 1, 1)
 
     @classmethod
-    def of(cls, policy: Policy, latents: Tensor, step_idx: Tensor, schedule: DdimSchedule) -> _StepRows:
-        device = policy.unet.device
+    def of(cls, policy: Policy, latents: Tensor, step_idx: Tensor, schedule: StepSchedule) -> _StepRows:
+        device = policy.denoiser.device
         latents = latents.to(device, torch.float32)
         step_idx = step_idx.to("cpu")
+        a, b = schedule.row_constants(step_idx)
         return cls(
             latents,
-            latents.to(policy.unet.dtype),  # the UNet runs in the pipeline's dtype; the rest in float32
+            latents.to(
+                policy.denoiser.dtype
+            ),  # the denoiser runs in the pipeline's dtype; the rest in float32
             schedule.timesteps[step_idx].to(device),
-            schedule.alpha_prod_t[step_idx].view(-1, 1, 1, 1).to(device),
-            schedule.alpha_prod_t_prev[step_idx].view(-1, 1, 1, 1).to(device),
+            a.to(device),
+            b.to(device),
         )
 
     def select(self, idx: Tensor) -> _StepRows:
-        return _StepRows(
-            self.latents[idx], self.unet_in[idx], self.t[idx], self.alpha_t[idx], self.alpha_prev[idx]
-        )
+        return _StepRows(self.latents[idx], self.model_in[idx], self.t[idx], self.a[idx], self.b[idx])
 
 
 def _step_mean(
-    policy: Policy, rows: _StepRows, cond: Conditioning, schedule: DdimSchedule, settings: SamplerSettings
+    policy: Policy, rows: _StepRows, cond: Conditioning, schedule: StepSchedule, settings: SamplerSettings
 ) -> tuple[Tensor, Tensor]:
-    """(mu, sigma) of the DDIM step of `rows` under the UNet as it is now (policy, or reference inside
+    """(mu, sigma) of the step of `rows` under the denoiser as it is now (policy, or reference inside
     `policy.reference()`)."""
-    eps = guided_noise(policy.unet, rows.unet_in, rows.t, cond, settings.guidance_scale).float()
-    return ddim_step_mean(
-        eps,
-        rows.latents,
-        rows.alpha_t,
-        rows.alpha_prev,
-        eta=settings.eta,
-        prediction_type=schedule.prediction_type,
-    )
+    scale = schedule.timestep_scale if isinstance(schedule, FlowSchedule) else 1.0
+    pred = predict(policy.pipe, rows.model_in, rows.t, cond, settings.guidance_scale, timestep_scale=scale)
+    return schedule.step(pred.float(), rows.latents, rows.a, rows.b, eta=settings.eta)
+
+
+def step_log_probs(
+    policy: Policy,
+    latents: Tensor,
+    next_latents: Tensor,
+    step_idx: Tensor,
+    cond: Conditioning,
+    schedule: StepSchedule,
+    settings: SamplerSettings,
+) -> Tensor:
+    """log pi(z_{i+1} | z_i, c) of rows under the policy as it is now, recomputed as training computes its
+    step means (the sampler's recorded log-probs must equal these on-policy). Returns (rows,)."""
+    rows = _StepRows.of(policy, latents, step_idx, schedule)
+    mean, std = _step_mean(policy, rows, cond, schedule, settings)
+    next_latents = next_latents.to(rows.latents.device, torch.float32)
+    return gaussian_log_prob(next_latents, mean, std, reduction=settings.reduction)
 
 
 def _reference_step_means(
     policy: Policy,
     rows: _StepRows,
     cond: Conditioning,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     settings: SamplerSettings,
     *,
     cache: ReferenceCache | None = None,
@@ -215,7 +231,7 @@ def step_log_ratios(
     next_latents: Tensor,
     step_idx: Tensor,
     cond: Conditioning,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     settings: SamplerSettings,
     *,
     reference_cache: ReferenceCache | None = None,
@@ -271,7 +287,7 @@ def pair_log_ratios(
     policy: Policy,
     batch: PairBatch,
     step_idx: Tensor,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     reference_cache: ReferenceCache | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-ratios of both trajectories of every pair at the (B, M) steps `step_idx`. Returns two (B, M)."""
@@ -294,7 +310,7 @@ def pair_log_ratios(
 
 
 def warm_reference_cache(
-    policy: Policy, batch: PairBatch, step_idx: Tensor, schedule: DdimSchedule, cache: ReferenceCache
+    policy: Policy, batch: PairBatch, step_idx: Tensor, schedule: StepSchedule, cache: ReferenceCache
 ) -> None:
     """Run only the reference part of a step on `cache`: the rows it lacks are computed in the same
     batch as that step computed them, so replaying a round's earlier draws leaves the cache (and the
@@ -330,7 +346,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: PairBatch,
     hp: DpoConfig,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     generator: torch.Generator | None = None,
     reference_cache: ReferenceCache | None = None,
     *,

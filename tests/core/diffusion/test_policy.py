@@ -38,15 +38,15 @@ def test_log_ratio_is_zero_at_init_and_training_moves_every_lora_parameter_and_n
     lw, ll = pair_log_ratios(policy, pairs, torch.tensor([[0, 3]]), schedule)
     assert torch.equal(lw, torch.zeros(1, 2)) and torch.equal(ll, torch.zeros(1, 2))
 
-    lora_before = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if ".lora_" in n}
-    base_before = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if ".lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters() if ".lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters() if ".lora_" not in n}
     text_before = {n: p.detach().clone() for n, p in policy.pipe.text_encoder.named_parameters()}
     # B starts at zero, so the first step moves only B (A's gradient is B^T dL/dh = 0); the second moves A.
     metrics = _train(policy, settings, steps=2)
     assert metrics[0].loss == pytest.approx(np.log(2), abs=1e-6)
     assert metrics[1].mean_abs_logratio > 0
     assert metrics[0].step_indices.shape == (1, 2)
-    after = dict(policy.unet.named_parameters())
+    after = dict(policy.denoiser.named_parameters())
     unmoved = [n for n, p in lora_before.items() if torch.equal(p, after[n])]
     assert not unmoved, f"LoRA parameters that did not move: {unmoved[:3]}"
     assert len(lora_before) > 0
@@ -66,8 +66,8 @@ def test_reference_policy_equals_the_base_model_exactly(make_pipe, settings):
     with torch.no_grad():
         expected = base.unet(z, t, encoder_hidden_states=cond.cond).sample
         with policy.reference():
-            ref = policy.unet(z, t, encoder_hidden_states=cond.cond).sample
-        trained = policy.unet(z, t, encoder_hidden_states=cond.cond).sample
+            ref = policy.denoiser(z, t, encoder_hidden_states=cond.cond).sample
+        trained = policy.denoiser(z, t, encoder_hidden_states=cond.cond).sample
     assert torch.equal(ref, expected)
     assert not torch.equal(trained, expected)
 

@@ -133,10 +133,10 @@ def test_a_fused_policy_refuses_training_and_its_reference_is_the_base_model(mak
     t = torch.tensor(501)
     with torch.no_grad():
         expected = base.unet(z, t, encoder_hidden_states=cond.cond).sample
-        fused = policy.unet(z, t, encoder_hidden_states=cond.cond).sample
+        fused = policy.denoiser(z, t, encoder_hidden_states=cond.cond).sample
         with policy.reference():
-            ref = policy.unet(z, t, encoder_hidden_states=cond.cond).sample
-        after = policy.unet(z, t, encoder_hidden_states=cond.cond).sample
+            ref = policy.denoiser(z, t, encoder_hidden_states=cond.cond).sample
+        after = policy.denoiser(z, t, encoder_hidden_states=cond.cond).sample
     assert torch.equal(ref, expected)
     assert torch.equal(after, fused) and not torch.equal(fused, expected)
 

@@ -32,10 +32,10 @@ class UnetForwards:
     """Counts UNet calls and the rows they were given, policy (adapter on) and reference (off) apart."""
 
     def __init__(self, policy: Policy) -> None:
-        self.layer = next(m for m in policy.unet.modules() if isinstance(m, BaseTunerLayer))
+        self.layer = next(m for m in policy.denoiser.modules() if isinstance(m, BaseTunerLayer))
         self.calls = {"policy": 0, "reference": 0}
         self.rows = {"policy": 0, "reference": 0}
-        policy.unet.register_forward_pre_hook(self._count, with_kwargs=True)
+        policy.denoiser.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         side = "reference" if self.layer.disable_adapters else "policy"

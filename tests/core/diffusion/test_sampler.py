@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.diffusion.conditioning import guided_noise
 from core.diffusion.ddim import ddim_schedule, ddim_step_mean, gaussian_log_prob
 from core.diffusion.sampler import (
     SamplerSettings,
     TrajectoryLatents,
     encode_prompts,
-    guided_noise,
     sample_trajectories,
 )
 from tests.core.diffusion.conftest import PROMPTS, SEEDS
