@@ -31,9 +31,10 @@ from app.routes import (
     prompts,
     stats,
 )
+from core.blob_stores import open_blob_store
 from core.db.engine import make_engine, make_session_factory
 from core.settings import Settings
-from core.storage import BlobStore, LocalBlobStore
+from core.storage import BlobStore
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -76,7 +77,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.session_factory = session_factory or make_session_factory(make_engine(settings.database_url))
-    app.state.blob_store = blob_store or LocalBlobStore(settings.blob_dir)
+    app.state.blob_store = blob_store or open_blob_store(settings.blob_url, settings.blob_dir)
     # Pokes the sampling pool after judgements; None (tests, tools) leaves it to the workers' tick.
     app.state.refiller = refiller
     app.state.login_limiter = TokenBucket(settings.login_rate_per_minute, settings.login_burst)

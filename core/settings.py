@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.blob_stores import parse_blob_url
 
 
 class ModelConfig(BaseModel):
@@ -238,6 +240,12 @@ class Settings(BaseSettings):
         default="./var/blobs",
         description="Directory of the local blob store that holds latents, log-probs, images and LoRA files.",
     )
+    blob_url: str | None = Field(
+        default=None,
+        description="Blob store in an S3-compatible bucket, s3://bucket/prefix (endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); file:///path is a "
+        "local directory. Empty = the directory DENSEALIGN_BLOB_DIR.",
+    )
 
     # -- web app and auth ----------------------------------------------------------------------
     secret_key: SecretStr | None = Field(
@@ -374,6 +382,13 @@ class Settings(BaseSettings):
         if self.demo and "cookie_secure" not in self.model_fields_set:
             self.cookie_secure = False
         return self
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, value: str | None) -> str | None:
+        if value:
+            parse_blob_url(value)  # InvalidBlobUrl (a ValueError) names what is wrong
+        return value or None
 
     @model_validator(mode="after")
     def _check_overlap(self) -> Settings:

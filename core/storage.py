@@ -3,7 +3,9 @@
 `LocalBlobStore` keeps blobs under one directory; writes go to a temporary file in the destination
 directory and are renamed into place, so a reader never sees half a blob and a crash leaves only a
 stray temp file. A write that fails (a full disk among other things) deletes its temp file; a full
-disk or quota raises `BlobStoreFull`, which names the directory and the size. Any other backend (an S3-compatible bucket) implements the `BlobStore` protocol.
+disk or quota raises `BlobStoreFull`, which names the directory and the size. `S3BlobStore`
+(core/storage_s3.py) keeps blobs in an S3-compatible bucket behind the same `BlobStore` protocol;
+`core.blob_stores.open_blob_store` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ class BlobStore(Protocol):
     def local_path(self, key: str) -> Path | None:
         """A filesystem path to the blob when the backend has one (lets the web app stream files)."""
         ...
+
+
+class ListableBlobStore(BlobStore, Protocol):
+    """A store that lists and deletes files by path (the orphan sweep): local and S3 stores."""
+
+    def files_under(self, prefix: str) -> Iterator[tuple[str, float, bool]]:
+        """(key, modification time, is a leftover temp file) of every file below `prefix`."""
+        ...
+
+    def delete_file(self, key: str) -> None: ...
 
 
 class LocalBlobStore:

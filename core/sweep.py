@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 
 from core.blob_keys import SAMPLED_PREFIXES
 from core.db.models import Trajectory
-from core.storage import LocalBlobStore
+from core.storage import ListableBlobStore
 
 logger = logging.getLogger(__name__)
 
 
-def sweep_orphans(*, session: Session, store: LocalBlobStore, older_than: dt.timedelta) -> list[str]:
+def sweep_orphans(*, session: Session, store: ListableBlobStore, older_than: dt.timedelta) -> list[str]:
     """Delete unreferenced sampled blobs and temp files older than `older_than`; returns their keys."""
     cutoff = time.time() - older_than.total_seconds()
     candidates = [

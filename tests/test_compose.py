@@ -39,6 +39,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 SERVICES = {"db", "redis", "migrate", "app", "worker", "trainer"}
+# Started only with `--profile s3`: an object store for the blobs (DENSEALIGN_BLOB_URL) and its bucket.
+S3_PROFILE = {"minio", "minio-bucket"}
 DENSEALIGN_SERVICES = ("migrate", "app", "worker", "trainer")  # built from the Dockerfile
 LONG_RUNNING = ("app", "worker", "trainer")
 GPU_SERVICES = ("worker", "trainer")
@@ -178,7 +180,8 @@ def env_example_lines() -> Iterator[tuple[bool, str, str]]:
 
 
 def interpolated_names(text: str) -> set[str]:
-    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+    # `$${NAME}` is compose's escape for a literal `${NAME}` (left to the container's shell)
+    return set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
 
 
 def service_env(service: dict[str, Any]) -> dict[str, str]:
@@ -275,7 +278,8 @@ def test_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_services_are_the_designed_ones(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == SERVICES
+    assert {name for name, service in services.items() if "profiles" not in service} == SERVICES
+    assert {name for name, service in services.items() if service.get("profiles") == ["s3"]} == S3_PROFILE
     assert services["db"]["image"] == "postgres:16"
     assert services["redis"]["image"].split(":")[0] == "redis"
     for name in DENSEALIGN_SERVICES:
@@ -744,3 +748,37 @@ def test_package_index_is_a_build_argument(config: dict[str, Any]) -> None:
     for path in (DOCKERFILE, BASE, CPU, ENV_EXAMPLE):
         text = path.read_text()
         assert "compose-sandbox" not in text and "8765" not in text, path.name
+
+
+def test_the_s3_profile_serves_the_blob_url_the_env_names(config: dict[str, Any]) -> None:
+    """`--profile s3`: MinIO with the AWS keys of .env as its root user, not published on the host,
+    and a one-shot job that creates DENSEALIGN_BLOB_URL's bucket once MinIO is ready. Without the
+    profile nothing changes: the DenseAlign services keep the shared `blobs` volume."""
+    services = config["services"]
+    minio, bucket = services["minio"], services["minio-bucket"]
+    assert "ports" not in minio and minio["command"][0] == "server"
+    assert service_env(minio) == {
+        "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:-}",
+        "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:-}",
+    }
+    assert "s3data:/data" in minio["volumes"] and minio["healthcheck"]["test"] == [
+        "CMD",
+        "mc",
+        "ready",
+        "local",
+    ]
+    assert bucket["depends_on"] == {"minio": {"condition": "service_healthy"}} and bucket["restart"] == "no"
+    assert [e["path"] for e in bucket["env_file"]] == [".env"]
+    script = bucket["command"][0]
+    assert "http://minio:9000" in script and "mc mb --ignore-existing" in script
+    # the shell, not compose, expands these: the bucket of s3://bucket/prefix, and the keys
+    assert "$${DENSEALIGN_BLOB_URL#s3://}" in script and '"$$AWS_SECRET_ACCESS_KEY"' in script
+    for name in DENSEALIGN_SERVICES:
+        assert "minio" not in services[name].get("depends_on", {}), name
+    documented = {name for _, name, _ in env_example_lines()}
+    assert {
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    } <= documented

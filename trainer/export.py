@@ -12,12 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from core.blob_stores import open_blob_store
 from core.db import make_engine, make_session_factory
 from core.db.errors import DomainError
 from core.db.policies import get_policy_version
 from core.diffusion.export import export_adapter
 from core.settings import SettingsError, load_settings
-from core.storage import BlobNotFound, LocalBlobStore, get_verified
+from core.storage import BlobNotFound, get_verified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             key, sha = row.lora_key, row.lora_sha256
         if key is None or sha is None:
             raise SettingsError(f"version {args.version} is the base model: it has no adapter to export")
-        data = get_verified(LocalBlobStore(settings.blob_dir), key, sha)
+        data = get_verified(open_blob_store(settings.blob_url, settings.blob_dir), key, sha)
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / "adapter.safetensors"
             source.write_bytes(data)

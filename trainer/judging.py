@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.basemodel.evaluate import acceptance, eval_prompts
+from core.blob_stores import open_blob_store
 from core.db import make_engine, make_session_factory
 from core.db.errors import DomainError
 from core.db.policies import get_policy_version
@@ -27,7 +28,7 @@ from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_conf
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
 from core.judges import make_judge
 from core.settings import SettingsError, load_settings
-from core.storage import BlobCorrupt, LocalBlobStore
+from core.storage import BlobCorrupt
 
 
 @dataclass
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if key is not None and sha is not None:
         try:
-            policy.load_published(LocalBlobStore(settings.blob_dir), key, sha)
+            policy.load_published(open_blob_store(settings.blob_url, settings.blob_dir), key, sha)
         except (BlobCorrupt, AdapterMismatchError) as exc:
             print(f"densealign eval: version {args.version}: {exc}", file=sys.stderr)
             return 2

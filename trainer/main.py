@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from core.blob_stores import open_blob_store
 from core.db import make_engine, make_session_factory
 from core.db.errors import NoCurrentPolicy
 from core.db.locks import AdvisoryLock
@@ -25,7 +26,6 @@ from core.diffusion.models import ModelNotFoundError
 from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_config
 from core.heartbeat import Heartbeat
 from core.settings import Settings, SettingsError, load_settings
-from core.storage import LocalBlobStore
 from trainer.rounds import RoundAlreadyFinished, Trainer
 
 logger = logging.getLogger("densealign.trainer")
@@ -41,7 +41,7 @@ def build_trainer(
     return Trainer(
         policy=policy_from_config(settings.model),
         sessions=make_session_factory(make_engine(settings.database_url)),
-        blobs=LocalBlobStore(settings.blob_dir),
+        blobs=open_blob_store(settings.blob_url, settings.blob_dir),
         config=settings.dpo,
         # Rounds train on pairs sampled as workers with these settings sample now.
         sampler=configured_sampler(settings.sampler),

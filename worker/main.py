@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from rq.defaults import DEFAULT_WORKER_TTL
 
+from core.blob_stores import open_blob_store
 from core.db import make_engine, make_session_factory
 from core.db.errors import NoCurrentPolicy
 from core.heartbeat import Heartbeat
 from core.pool import refill_pool
 from core.queue import JOB_TIMEOUT_SECONDS, QUEUE_NAME, RqSamplingQueue, SamplingQueue
 from core.settings import Settings, SettingsError, load_settings
-from core.storage import LocalBlobStore
 from core.sweep import sweep_orphans
 from worker.runner import serve_until_stopped
 
@@ -61,7 +61,7 @@ def build_sampler(settings: Settings) -> PairSampler:
             width=size,
         ),
         sessions=make_session_factory(make_engine(settings.database_url)),
-        blobs=LocalBlobStore(settings.blob_dir),
+        blobs=open_blob_store(settings.blob_url, settings.blob_dir),
         overlap=OverlapPolicy(settings.overlap_k, settings.agreement_k, settings.overlap_share),
         pairing=settings.pool.pairing,
     )
@@ -73,7 +73,7 @@ def build_sampler(settings: Settings) -> PairSampler:
 def start_refill_tick(settings: Settings, queue: SamplingQueue, stop: threading.Event) -> threading.Thread:
     """Top the pool up every `pool.tick_seconds` until `stop` is set; sweep orphan blobs now and then."""
     sessions = make_session_factory(make_engine(settings.database_url))
-    store = LocalBlobStore(settings.blob_dir)
+    store = open_blob_store(settings.blob_url, settings.blob_dir)
     # Older than any job can run, so a running job's not-yet-inserted blobs are never taken.
     orphan_age = dt.timedelta(seconds=JOB_TIMEOUT_SECONDS + 600)
     next_sweep = time.monotonic()

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import BinaryIO
+
 from fastapi import APIRouter, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app.deps import BlobStoreDep, CurrentAdmin, CurrentLabeller, SessionDep
 from app.responses import ADMIN, AUTH, BEARER, BLOB_CORRUPT, WRITE, Responses, error
@@ -9,7 +12,7 @@ from app.schemas import CurrentPolicyUpdate, PolicyVersionPublic, VersionPath
 from core.db.errors import BaseHasNoLora
 from core.db.models import PolicyVersion
 from core.db.policies import get_current_policy, get_policy_version, list_policy_versions, set_current_policy
-from core.storage import get_verified, verify_blob
+from core.storage import verify_blob
 
 router = APIRouter(prefix="/policies", tags=["policies"], dependencies=[BEARER])
 # Only a database that `densealign migrate` never finished has versions but no current one.
@@ -81,5 +84,14 @@ def download_lora(
     if path is not None:
         verify_blob(store, row.lora_key, row.lora_sha256)
         return FileResponse(path, media_type="application/octet-stream", headers=headers)
-    data = get_verified(store, row.lora_key, row.lora_sha256)
-    return Response(data, media_type="application/octet-stream", headers=headers)
+    # No file here (an S3 bucket): check the object in one streamed pass, then stream it out again,
+    # so neither pass holds the whole adapter in memory. Keys are written once, so both read the same.
+    verify_blob(store, row.lora_key, row.lora_sha256)
+    return StreamingResponse(
+        _chunks(store.open(row.lora_key)), media_type="application/octet-stream", headers=headers
+    )
+
+
+def _chunks(handle: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    with handle:
+        yield from iter(lambda: handle.read(size), b"")

@@ -1,0 +1,282 @@
+"""The blob store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, ...), through boto3.
+
+Keys are those of `core/blob_keys.py` below an optional prefix: `s3://bucket/prefix` keeps blob `k`
+at object `prefix/k`. The guarantees are the local store's:
+
+- atomic visibility: an S3 PUT is atomic, a reader sees the whole old object or the whole new one,
+  never a partial one; blobs above `multipart_threshold` go up as a multipart upload, which S3
+  shows only once `CompleteMultipartUpload` succeeds (a failed upload is aborted). Nothing is ever
+  rewritten in place, so there is no temp object to sweep.
+- `put` returns the sha256 of the bytes (also stored as the object's `sha256` metadata); readers
+  check blobs against the digest recorded in the database (`get_verified`, `verify_blob`).
+- `open` returns the streaming body of a GET, read in chunks: a large adapter is never held whole.
+
+Endpoint and credentials come from the standard AWS variables, read by botocore itself
+(AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, or a profile). Failed requests are retried in botocore's standard mode
+(exponential backoff with jitter; `max_attempts` in all), so a short outage is ridden out; what
+still fails raises one of the errors below, naming the bucket, the key and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+
+from core.storage import BlobNotFound, BlobStoreFull, validate_key
+
+DEFAULT_MAX_ATTEMPTS = 5  # one request and up to 4 retries: backoff of up to 1 + 2 + 4 + 8 s
+MULTIPART_THRESHOLD = 64 << 20  # bytes; smaller blobs go up in one PUT
+PART_SIZE = 16 << 20  # bytes per multipart part (S3's minimum is 5 MiB, all parts but the last)
+
+_MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "403",
+        "Forbidden",
+    }
+)
+# Quota or disk-full answers of S3-compatible stores (AWS itself has no per-bucket quota).
+_FULL = frozenset(
+    {"QuotaExceeded", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "InsufficientStorage", "507"}
+)
+
+
+class BlobStoreError(RuntimeError):
+    """The object store refused or could not serve a request; the message says what to do."""
+
+
+class BlobBucketMissing(BlobStoreError):
+    def __init__(self, bucket: str, endpoint: str) -> None:
+        super().__init__(
+            f"the S3 bucket {bucket!r} does not exist at {endpoint}: create it (e.g. `aws s3 mb s3://{bucket}`) "
+            "or point DENSEALIGN_BLOB_URL at an existing bucket"
+        )
+
+
+class BlobStoreAccessDenied(BlobStoreError):
+    def __init__(self, op: str, location: str, endpoint: str, code: str) -> None:
+        super().__init__(
+            f"the S3 endpoint {endpoint} refused to {op} {location} ({code}): check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, and that they may read, write, list and delete in that bucket"
+        )
+
+
+class BlobStoreUnreachable(BlobStoreError):
+    def __init__(self, op: str, location: str, endpoint: str, attempts: int, cause: BaseException) -> None:
+        super().__init__(
+            f"could not {op} {location}: the S3 endpoint {endpoint} did not answer after {attempts} attempts "
+            f"({type(cause).__name__}): check that the object store is up and AWS_ENDPOINT_URL points at it"
+        )
+
+
+class BlobBucketFull(BlobStoreFull):
+    """The bucket's quota or the object store's disks are full; nothing was stored."""
+
+    def __init__(self, location: str, key: str, size: int, code: str) -> None:
+        OSError.__init__(
+            self,
+            errno.ENOSPC,
+            f"the S3 blob store is full ({code}) while writing {size} bytes to {location}; nothing was "
+            "stored: raise the bucket's quota, free space in the object store or point DENSEALIGN_BLOB_URL "
+            "at another bucket",
+        )
+        self.root, self.key, self.size = Path(location), key, size
+
+
+def _is_aws(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname or ""
+    return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
+
+
+def make_client(*, max_attempts: int, connect_timeout: float, read_timeout: float) -> Any:
+    """An S3 client from the standard AWS configuration, with bounded retries and timeouts.
+
+    Another S3-compatible store (MinIO, Ceph, moto) is addressed path-style (`endpoint/bucket/key`):
+    its buckets are rarely DNS names of their own, which virtual-host style would need."""
+
+    def build(addressing: str) -> Any:
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3={"addressing_style": addressing},
+        )
+        return boto3.session.Session().client("s3", config=config)
+
+    client = build("auto")
+    return client if _is_aws(client.meta.endpoint_url) else build("path")
+
+
+class S3BlobStore:
+    """A `BlobStore` in `bucket`, every key below `prefix` (no leading or trailing slash needed)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        part_size: int = PART_SIZE,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.max_attempts = max_attempts
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.client = client or make_client(
+            max_attempts=max_attempts, connect_timeout=connect_timeout, read_timeout=read_timeout
+        )
+        self.endpoint: str = self.client.meta.endpoint_url
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore({self.url!r}, endpoint={self.endpoint!r})"
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _object(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object(key)}"
+
+    @contextmanager
+    def _errors(self, op: str, key: str, size: int = 0) -> Iterator[None]:
+        """Turn botocore's errors (after its retries) into the store's, each naming bucket and key."""
+        location = self._location(key)
+        try:
+            yield
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            if code == "NoSuchBucket":
+                raise BlobBucketMissing(self.bucket, self.endpoint) from exc
+            if code in _MISSING_KEY:
+                raise BlobNotFound(key) from exc
+            if code in _DENIED:
+                raise BlobStoreAccessDenied(op, location, self.endpoint, code) from exc
+            if code in _FULL:
+                raise BlobBucketFull(location, key, size, code) from exc
+            message = error.get("Message", "")
+            raise BlobStoreError(
+                f"could not {op} {location} at {self.endpoint}: {code} {message}".rstrip()
+            ) from exc
+        except NoCredentialsError as exc:
+            raise BlobStoreAccessDenied(op, location, self.endpoint, "no credentials found") from exc
+        except (ConnectionError, HTTPClientError, IncompleteReadError) as exc:
+            raise BlobStoreUnreachable(op, location, self.endpoint, self.max_attempts, exc) from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"could not {op} {location} at {self.endpoint}: {exc}") from exc
+
+    # -- the BlobStore protocol ----------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> str:
+        """One PUT (or a multipart upload above `multipart_threshold`); the object appears whole."""
+        name = self._object(validate_key(key))
+        digest = hashlib.sha256(data).hexdigest()
+        with self._errors("write", key, len(data)):
+            if len(data) <= self.multipart_threshold:
+                self.client.put_object(Bucket=self.bucket, Key=name, Body=data, Metadata={"sha256": digest})
+            else:
+                self._put_multipart(name, data, digest)
+        return digest
+
+    def _put_multipart(self, name: str, data: bytes, digest: str) -> None:
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=name, Metadata={"sha256": digest}
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            view = memoryview(data)
+            for number, start in enumerate(range(0, len(data), self.part_size), start=1):
+                part = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=name,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=bytes(view[start : start + self.part_size]),
+                )
+                parts.append({"PartNumber": number, "ETag": part["ETag"]})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            # Best effort: an upload left open is invisible to readers and costs only its parts'
+            # storage, which a bucket lifecycle rule (AbortIncompleteMultipartUpload) reclaims.
+            with suppress(Exception):  # the first error is the one to report
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+            raise
+
+    def get(self, key: str) -> bytes:
+        with self._errors("read", key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object(validate_key(key)))["Body"]
+            with body:
+                return cast(bytes, body.read())
+
+    def open(self, key: str) -> BinaryIO:
+        """The object's streaming body (a file object; read it in chunks and close it)."""
+        with self._errors("read", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+        return cast(BinaryIO, response["Body"])
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._errors("look up", key):
+                self.client.head_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+        except BlobNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing one is fine (S3's DELETE is idempotent)."""
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+
+    def local_path(self, key: str) -> Path | None:
+        return None  # never on this machine: the app streams the object instead
+
+    # -- what core/sweep.py needs --------------------------------------------------------------
+
+    def files_under(self, prefix: str) -> Iterator[tuple[str, float, bool]]:
+        """(key, last-modified time, False) of every object below `prefix`: S3 has no temp files."""
+        top = self._object(validate_key(prefix)) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        with self._errors("list", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=top)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    modified: dt.datetime = item["LastModified"]
+                    yield item["Key"][strip:], modified.timestamp(), False
+
+    def delete_file(self, key: str) -> None:
+        self.delete(key)
