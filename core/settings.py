@@ -173,6 +173,23 @@ class ReliabilityConfig(BaseModel):
     )
 
 
+class RetentionConfig(BaseModel):
+    """What happens to blobs nothing will read again (core/retention.py; `densealign storage`)."""
+
+    drop_trained_latents: bool = Field(
+        default=False,
+        description="Delete a trajectory's latents (its .safetensors blob, the bulk of the store) once every "
+        "pair it is in was trained by a finished round, which no later round can take again; its image "
+        "stays. The trainer prunes after each published version; `densealign storage prune` does it by hand.",
+    )
+    keep_rounds: int = Field(
+        default=0,
+        ge=0,
+        description="The newest N finished rounds keep their pairs' latents even when dropping is on (to "
+        "inspect or re-run recent rounds); 0 = keep none.",
+    )
+
+
 class EvalConfig(BaseModel):
     """Human evaluation campaigns: blind A/B votes of a version against a comparison version."""
 
@@ -374,6 +391,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ReliabilityConfig(),
         description="Labellers' measured reliability, and pausing the unreliable "
         "(DENSEALIGN_RELIABILITY__<FIELD>).",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig(),
+        description="Blob retention: dropping latents no round will read again (DENSEALIGN_RETENTION__<FIELD>).",
     )
 
     @model_validator(mode="after")

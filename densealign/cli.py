@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trainer": ("trainer.main", "train rounds on new labels and publish policy versions"),
     "health": ("core.health", "exit 0 when this host's worker or trainer recorded a heartbeat lately"),
     "export": ("trainer.export", "write a published adapter in diffusers or kohya format"),
+    "storage": ("core.storage_cli", "blob store bytes by kind; prune latents no round reads again"),
     "demo": ("densealign.demo", "run app, worker and trainer on this machine (SQLite, no Redis, CPU)"),
     "label": ("densealign.labeller", "a programmatic labeller over the REST API (--preference faithfulness)"),
     "eval": (

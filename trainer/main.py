@@ -25,6 +25,7 @@ from core.db.sampler_groups import configured_sampler
 from core.diffusion.models import ModelNotFoundError
 from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_config
 from core.heartbeat import Heartbeat
+from core.retention import prune_after_publish
 from core.settings import Settings, SettingsError, load_settings
 from trainer.rounds import RoundAlreadyFinished, Trainer
 
@@ -38,7 +39,7 @@ def build_trainer(
     evaluate: Callable[[Policy], dict[str, Any]] | None = None,
 ) -> Trainer:
     """The trainer the settings describe: base model and adapter, database, blob store, round config."""
-    return Trainer(
+    trainer = Trainer(
         policy=policy_from_config(settings.model),
         sessions=make_session_factory(make_engine(settings.database_url)),
         blobs=open_blob_store(settings.blob_url, settings.blob_dir),
@@ -51,6 +52,15 @@ def build_trainer(
         auto_evaluation=settings.eval,
         reliability_refresh_seconds=settings.reliability.refresh_seconds,
     )
+    if settings.retention.drop_trained_latents:
+        # after each published version, delete the latents no round will read again (core/retention.py)
+        trainer.on_publish = prune_after_publish(
+            sessions=trainer.sessions,
+            store=trainer.blobs,
+            keep_rounds=settings.retention.keep_rounds,
+            then=on_publish,
+        )
+    return trainer
 
 
 def install_stop_handlers(stop: threading.Event, graceful: threading.Event) -> None:

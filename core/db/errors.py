@@ -149,3 +149,15 @@ class UndoBlocked(Conflict):
 class BaseHasNoLora(NotFound):
     def __init__(self) -> None:
         super().__init__("policy version 0 is the base model and has no LoRA; download version 1 or later")
+
+
+class LatentsPruned(Conflict):
+    """A trajectory's latents were deleted by retention (core/retention.py); its row and image remain."""
+
+    def __init__(self, trajectory_id: int, key: str | None, pruned_at: object) -> None:
+        super().__init__(
+            f"trajectory {trajectory_id}'s latents ({key}) were pruned at {pruned_at} "
+            "(DENSEALIGN_RETENTION__DROP_TRAINED_LATENTS) and cannot be read; only pairs no round can take "
+            "again are pruned, so whatever asked for them is reading a finished round's pairs"
+        )
+        self.trajectory_id = trajectory_id

@@ -140,6 +140,9 @@ class Trajectory(Base):
     latents_key: Mapped[str | None] = mapped_column(String(255))
     log_probs_key: Mapped[str | None] = mapped_column(String(255))
     image_key: Mapped[str] = mapped_column(String(255))
+    # When retention (core/retention.py) deleted the latents blob, which no round could read again; the
+    # keys stay for the record, and a reader of a pruned trajectory gets `LatentsPruned`. NULL: kept.
+    latents_pruned_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import case, select
 from sqlalchemy.orm import Session, aliased
 
 from core.db.base import utcnow
-from core.db.errors import InvalidInput, NotFound
+from core.db.errors import InvalidInput, LatentsPruned, NotFound
 from core.db.models import Judgement, Pair, Prompt, TrainingRound, TrainingRoundPair, Trajectory
 from core.db.policies import get_policy_version
 from core.db.reliability import fit_labellers
@@ -254,7 +254,8 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
     """The pairs recorded for a round, in a fixed order, as they were decided when it started: prompt,
     winner and loser trajectory ids with their latents keys, votes and sampler group, in one query.
 
-    The recorded side ('a' or 'b') is turned into winner and loser here, in SQL, once."""
+    The recorded side ('a' or 'b') is turned into winner and loser here, in SQL, once. A trajectory whose
+    latents retention pruned raises `LatentsPruned` (never the case for a running round's pairs)."""
     win, lose = aliased(Trajectory), aliased(Trajectory)
     a_won = TrainingRoundPair.winner == "a"
     winner_id = case((a_won, Pair.trajectory_a_id), else_=Pair.trajectory_b_id)
@@ -262,7 +263,7 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
     rows = session.execute(
         select(Pair.id, Pair.policy_version, Prompt.text, TrainingRoundPair.winner, TrainingRoundPair.votes)
         .add_columns(win.id, lose.id, win.latents_key, lose.latents_key, win.sampler, lose.sampler)
-        .add_columns(TrainingRoundPair.weight)
+        .add_columns(TrainingRoundPair.weight, win.latents_pruned_at, lose.latents_pruned_at)
         .join(TrainingRoundPair, TrainingRoundPair.pair_id == Pair.id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .join(win, win.id == winner_id)
@@ -271,7 +272,11 @@ def round_preference_pairs(*, session: Session, round_id: int) -> list[Preferenc
         .order_by(Pair.id)
     )
     out = []
-    for pair_id, version, text, side, votes, w, lo, w_key, l_key, w_sampler, l_sampler, weight in rows:
+    for *columns, w_pruned, l_pruned in rows:
+        pair_id, version, text, side, votes, w, lo, w_key, l_key, w_sampler, l_sampler, weight = columns
+        for tid, key, pruned_at in ((w, w_key, w_pruned), (lo, l_key, l_pruned)):
+            if pruned_at is not None:  # retention deleted the blob: say so, not "file not found"
+                raise LatentsPruned(tid, key, pruned_at)
         # the group is read in (a, b) order, as `preference_pairs` reads it
         sampler_a, sampler_b = (w_sampler, l_sampler) if side == "a" else (l_sampler, w_sampler)
         group = pair_group(sampler_a or {}, sampler_b or {})

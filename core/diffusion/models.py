@@ -414,7 +414,7 @@ def tiny_flux_pipeline() -> Pipeline:
         shift=3.0,
         use_dynamic_shifting=True,
     )
-    return FluxPipeline(
+    pipe = FluxPipeline(
         scheduler=scheduler,
         vae=tiny_flow_vae(),
         text_encoder=CLIPTextModel(tiny_text_encoder_config(hidden_act="gelu", projection_dim=32)),
@@ -423,3 +423,5 @@ def tiny_flux_pipeline() -> Pipeline:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    pipe.default_sample_size = 32  # 64 px images, as the other tiny models (the stock call reads it too)
+    return pipe
