@@ -14,9 +14,9 @@ marker, and the next prune (by hand, or the trainer's after its next version) de
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import cast
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +27,7 @@ from core.db.retention import (
     prunable_latents,
     pruned_latents_keys,
 )
-from core.storage import BlobStore
+from core.storage import BlobStore, ListableBlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,6 @@ KINDS = (
     ("rounds", "rounds/"),
 )
 TRAJECTORIES = "trajectories"
-
-
-@runtime_checkable
-class ListedBlobStore(BlobStore, Protocol):
-    """A blob store that can list its files (the local store; the orphan sweep needs the same)."""
-
-    def files_under(self, prefix: str) -> Iterator[tuple[str, float, bool]]: ...
 
 
 @dataclass
@@ -81,22 +74,24 @@ class StorageReport:
 @dataclass
 class PruneResult:
     marked: int  # trajectories newly marked pruned by this run
-    deleted: Usage = field(default_factory=Usage)  # blobs deleted (this run's and any left pending)
+    # blobs deleted, this run's and any an interrupted run left; bytes only where the store has local paths
+    deleted: Usage = field(default_factory=Usage)
     dry_run: bool = False
 
 
-def blob_size(store: BlobStore, key: str) -> int:
-    """A blob's size in bytes: from the file system when the store has a path for it, else read."""
+def blob_size(store: BlobStore, key: str, *, read: bool = True) -> int:
+    """A blob's size in bytes: from the file system when the store has a path for it, else by reading
+    it (an S3 store: one GET per blob, so a report there takes a while) or, with `read=False`, 0."""
     path = store.local_path(key)
     if path is not None:
         try:
             return path.stat().st_size
         except FileNotFoundError:  # deleted meanwhile
             return 0
-    return len(store.get(key))
+    return len(store.get(key)) if read else 0
 
 
-def _sizes(store: ListedBlobStore, prefix: str) -> tuple[dict[str, int], Usage]:
+def _sizes(store: ListableBlobStore, prefix: str) -> tuple[dict[str, int], Usage]:
     """key -> size of every blob under `prefix`, and the temp files there."""
     sizes, temp = {}, Usage()
     for key, _mtime, is_temp in store.files_under(prefix):
@@ -118,7 +113,7 @@ def _temp_size(store: BlobStore, key: str) -> int:
         return 0
 
 
-def storage_report(*, session: Session, store: ListedBlobStore, keep_rounds: int = 0) -> StorageReport:
+def storage_report(*, session: Session, store: ListableBlobStore, keep_rounds: int = 0) -> StorageReport:
     """Walk the store once per top-level prefix and read the trajectory rows."""
     usage = {name: Usage() for name, _ in KINDS}
     temp = Usage()
@@ -140,7 +135,7 @@ def storage_report(*, session: Session, store: ListedBlobStore, keep_rounds: int
 
 
 def prune_latents(
-    *, session: Session, store: ListedBlobStore, keep_rounds: int = 0, dry_run: bool = False
+    *, session: Session, store: ListableBlobStore, keep_rounds: int = 0, dry_run: bool = False
 ) -> PruneResult:
     """Mark every prunable trajectory and commit, then delete the blobs of all marked trajectories still
     in the store (so a run after a crash finishes the last one's deletes). A dry run changes nothing and
@@ -158,7 +153,7 @@ def prune_latents(
     pending = pruned_latents_keys(session=session)
     for key, _mtime, is_temp in store.files_under(TRAJECTORIES):
         if not is_temp and key in pending:
-            size = blob_size(store, key)
+            size = blob_size(store, key, read=False)  # a blob about to go is not downloaded to size it
             store.delete(key)
             result.deleted.add(size)
     if marked or result.deleted.files:
@@ -181,9 +176,9 @@ def prune_after_publish(
     """The trainer's `on_publish` under DENSEALIGN_RETENTION__DROP_TRAINED_LATENTS: prune once the new
     version's round is closed ('done'), then call `then`. A failed prune is logged, not raised: the
     trainer goes on, and the next version's prune (or `densealign storage prune`) finishes it."""
-    if not isinstance(store, ListedBlobStore):
+    if not hasattr(store, "files_under"):
         raise ValueError(f"the blob store {store!r} cannot list its files, which pruning latents needs")
-    listed = store
+    listed = cast(ListableBlobStore, store)
 
     def on_publish(version: int) -> None:
         try:

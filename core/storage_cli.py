@@ -15,10 +15,10 @@ import logging
 import sys
 from typing import NoReturn
 
+from core.blob_stores import open_blob_store
 from core.db import make_engine, make_session_factory
 from core.retention import StorageReport, human_bytes, prune_latents, storage_report
 from core.settings import SettingsError, load_settings
-from core.storage import LocalBlobStore
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         keep = settings.retention.keep_rounds if args.keep_rounds is None else args.keep_rounds
-        store = LocalBlobStore(settings.blob_dir)
+        store = open_blob_store(settings.blob_url, settings.blob_dir)
         engine = make_engine(settings.database_url)
         try:
             with make_session_factory(engine)() as session:

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import blob_keys
+from core.blob_stores import open_blob_store
 from core.db.campaigns import create_eval_pair, start_campaign
 from core.db.errors import LatentsPruned
 from core.db.models import Pair, Prompt, Trajectory
@@ -33,6 +34,7 @@ from core.db.training import (
 )
 from core.retention import prune_after_publish, prune_latents, storage_report
 from core.storage import LocalBlobStore
+from tests.s3 import shared_server, use_server
 
 SETTINGS = {"num_steps": 2, "guidance_scale": 7.5}
 OTHER_SETTINGS = {"num_steps": 4, "guidance_scale": 7.5}
@@ -312,3 +314,46 @@ def test_the_trainers_hook_prunes_after_a_version_and_never_stops_it(
     assert published == [2, 3]
     assert not (scene.prunable - scene.newest_round) & set(_on_disk(scene.store))
     assert scene.newest_round <= set(_on_disk(scene.store))
+
+
+def test_prune_and_report_on_an_s3_bucket(
+    session: Session, prompt: Prompt, policy_version: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    server = shared_server()
+    use_server(monkeypatch, server)
+    store = open_blob_store(f"s3://{server.new_bucket()}/deploy-1", str(tmp_path / "unused"))
+    publish_policy_version(session=session, version=1, parent_version=0, lora_key="l/1", lora_sha256="0" * 64)
+    sizes: dict[str, int] = {}
+    ids = []
+    for i in range(4):
+        latents, image = blob_keys.trajectory(0, prompt.id)
+        for key, size in ((latents, 2000 + i), (image, 300 + i)):
+            store.put(key, os.urandom(size))
+            sizes[key] = size
+        ids.append(
+            create_trajectory(
+                session=session,
+                prompt_id=prompt.id,
+                policy_version=0,
+                seed=i,
+                image_key=image,
+                latents_key=latents,
+                sampler=SETTINGS,
+            ).id
+        )
+    trained = create_pair(session=session, trajectory_a_id=ids[0], trajectory_b_id=ids[1])
+    create_pair(session=session, trajectory_a_id=ids[2], trajectory_b_id=ids[3])
+    _round(session, [trained], "done", produced=1)
+    trained_keys = _keys(session, ids[0], ids[1])
+
+    report = storage_report(session=session, store=store)
+    assert (report.usage["trajectories"].files, report.usage["trajectories"].bytes) == (4, 8006)
+    assert (report.usage["images"].files, report.usage["images"].bytes) == (4, 1206)
+    assert (report.prunable.files, report.prunable.bytes) == (2, 4001)
+
+    result = prune_latents(session=session, store=store)
+    assert (result.marked, result.deleted.files) == (2, 2)
+    assert [store.exists(k) for k in sorted(sizes) if k.startswith("trajectories/")] == [
+        k not in trained_keys for k in sorted(sizes) if k.startswith("trajectories/")
+    ]
+    assert _pruned_marks(session) == trained_keys
