@@ -377,7 +377,8 @@ class Trainer:
         with self.sessions() as session:
             base = get_policy_version(session=session, version=base_version)
             lora_key, lora_sha256 = base.lora_key, base.lora_sha256
-        self.policy.load_published(self.blobs, lora_key, lora_sha256)
+            family = (base.metrics or {}).get("model_family")
+        self.policy.load_published(self.blobs, lora_key, lora_sha256, family=family, version=base_version)
         optimizer = make_optimizer(self.policy, lr=self.config.lr, weight_decay=self.config.weight_decay)
         try:
             state = torch.load(
@@ -487,8 +488,9 @@ class Trainer:
             round_row = session.get(TrainingRound, round_id, with_for_update=True)
             if round_row is None or round_row.status != "running":
                 raise RoundAlreadyFinished(round_id)
-            # what the round recorded when it started (its sampler settings, the pairs left waiting)
-            metrics = {**(round_row.metrics or {}), **metrics}
+            # what the round recorded when it started (its sampler settings, the pairs left waiting),
+            # and the model family the adapter fits: a worker of another family refuses it
+            metrics = {**(round_row.metrics or {}), **metrics, "model_family": self.policy.family}
             publish_policy_version(
                 session=session,
                 version=version,

@@ -45,7 +45,7 @@ from core.db.models import PolicyVersion
 from core.db.pairs import create_pair, create_trajectory, required_judgements
 from core.db.policies import get_current_policy, get_policy_version
 from core.db.prompts import get_prompt
-from core.diffusion.models import Pipeline
+from core.diffusion.models import Pipeline, denoiser, family_of
 from core.diffusion.policy import Policy
 from core.diffusion.sampler import SamplerSettings, sample_trajectories
 from core.storage import BlobStore
@@ -99,7 +99,10 @@ class PairSampler:
         if row.version == self.loaded_version:
             return
         start = time.perf_counter()
-        self.policy.load_published(self.blobs, row.lora_key, row.lora_sha256)
+        family = (row.metrics or {}).get("model_family")
+        self.policy.load_published(
+            self.blobs, row.lora_key, row.lora_sha256, family=family, version=row.version
+        )
         self.last_swap_seconds = time.perf_counter() - start
         logger.info(
             "hot-swapped policy version %d -> %d in %.3fs",
@@ -328,8 +331,9 @@ def reproduction_record(
     return {
         "base_model": base_model if base_model is not None else pipe.name_or_path,
         "pipeline": type(pipe).__name__,
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "generator_device": pipe.unet.device.type,
+        "family": family_of(pipe),
+        "dtype": str(denoiser(pipe).dtype).removeprefix("torch."),
+        "generator_device": denoiser(pipe).device.type,
         "scheduler": {
             "class_name": type(scheduler).__name__,
             # to_json_string turns numpy/tuple values into plain JSON, as save_pretrained writes them
