@@ -14,6 +14,9 @@ therefore prunable when every pair it is in was trained by a done round, other t
   back to the pool);
 - evaluation pairs (they have no latents; their trajectories are never prunable).
 
+If rounds ever replay pairs (train a pair again in a later round), `_prunable_ids` must learn which
+pairs replay can still pick, or replay must skip pruned ones.
+
 Rows keep their keys after pruning: `latents_pruned_at` says the blob is gone, so nothing points at a
 missing blob without saying so. These functions never commit; core/retention.py deletes the blobs.
 """
