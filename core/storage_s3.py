@@ -23,8 +23,9 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+import io
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
@@ -244,10 +245,10 @@ class S3BlobStore:
                 return cast(bytes, body.read())
 
     def open(self, key: str) -> BinaryIO:
-        """The object's streaming body (a file object; read it in chunks and close it)."""
+        """The object as a file streamed from the GET's body (read it in chunks, close it)."""
         with self._errors("read", key):
             response = self.client.get_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
-        return cast(BinaryIO, response["Body"])
+        return cast(BinaryIO, _ObjectReader(response["Body"], lambda: self._errors("read", key)))
 
     def exists(self, key: str) -> bool:
         try:
@@ -280,3 +281,33 @@ class S3BlobStore:
 
     def delete_file(self, key: str) -> None:
         self.delete(key)
+
+
+class _ObjectReader(io.RawIOBase):
+    """A GET's streaming body as a plain file: `with` yields this object (botocore's body would hand
+    out the raw urllib3 stream, skipping its length check), and a connection lost mid-read raises
+    `BlobStoreUnreachable` naming the object."""
+
+    def __init__(self, body: Any, errors: Callable[[], AbstractContextManager[None]]) -> None:
+        self._body = body
+        self._errors = errors
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        with self._errors():
+            return cast(bytes, self._body.read(None if size is None or size < 0 else size))
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()

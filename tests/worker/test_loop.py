@@ -1,6 +1,7 @@
 """End to end on the tiny model: worker fills the pool, a programmatic labeller judges through the
 REST API, the trainer publishes version 1, the worker swaps it in, and the downloaded adapter
-reproduces the worker's images in a stock diffusers pipeline."""
+reproduces the worker's images in a stock diffusers pipeline. Run twice: blobs in the local
+directory, and in an S3 bucket (DENSEALIGN_BLOB_URL, a moto server in its own process)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from core.diffusion.models import load_pipeline
 from core.pool import refill_pool
 from core.queue import QUEUE_NAME, RqSamplingQueue
 from core.settings import Settings
+from tests.s3 import shared_server, use_server
 from trainer.export import main as export_main
 from trainer.main import build_trainer
 from worker.main import build_sampler
@@ -89,11 +91,29 @@ def label_everything(client: TestClient, token: str) -> int:
         judged += 1
 
 
+@pytest.fixture(params=["local", "s3"])
+def blob_settings(
+    request: pytest.FixtureRequest, loop_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The loop's settings with blobs in the local directory, or in a fresh bucket of a moto server."""
+    if request.param == "local":
+        return loop_settings
+    server = shared_server()
+    use_server(monkeypatch, server)
+    return loop_settings.model_copy(update={"blob_url": f"s3://{server.new_bucket()}/loop"})
+
+
+def bucket_keys(settings: Settings) -> list[str]:
+    bucket, prefix = settings.blob_url.removeprefix("s3://").split("/", 1)  # type: ignore[union-attr]
+    listed = shared_server().client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")
+    return sorted(item["Key"].removeprefix(f"{prefix}/") for item in listed.get("Contents", []))
+
+
 @pytest.mark.slow
 def test_online_loop_end_to_end(
-    loop_settings: Settings, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+    blob_settings: Settings, redis: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    settings = loop_settings
+    settings = blob_settings
     token = seed_database(settings)
     sampler = build_sampler(settings)
     assert isinstance(sampler, PairSampler)
@@ -159,6 +179,8 @@ def test_online_loop_end_to_end(
     # 6. the CLI exports the same adapter for diffusers and for kohya-style tools
     monkeypatch.setenv("DENSEALIGN_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("DENSEALIGN_BLOB_DIR", settings.blob_dir)
+    if settings.blob_url:
+        monkeypatch.setenv("DENSEALIGN_BLOB_URL", settings.blob_url)
     for fmt, name in (
         ("diffusers", "pytorch_lora_weights.safetensors"),
         ("kohya", "densealign_lora_kohya.safetensors"),
@@ -168,3 +190,17 @@ def test_online_loop_end_to_end(
     assert (tmp_path / "diffusers" / "pytorch_lora_weights.safetensors").read_bytes() == download.content
     assert export_main(["--version", "0", "--out", str(tmp_path / "v0")]) == 2
     assert "base model" in capsys.readouterr().err
+
+    # 7. with a bucket, every blob went there and none to the local directory
+    if settings.blob_url:
+        assert not Path(settings.blob_dir).exists()
+        keys = bucket_keys(settings)
+        assert [k for k in keys if k.startswith("policies/")] == [
+            "policies/v1/optimizer.pt",
+            "policies/v1/pytorch_lora_weights.safetensors",
+        ]
+        assert (
+            sum(k.startswith("trajectories/") for k in keys)
+            == sum(k.startswith("images/v") for k in keys)
+            == 16
+        )
