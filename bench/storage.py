@@ -24,8 +24,13 @@ header) and a PNG of its final image (written as the worker writes it, `image.sa
    (--waiting decided pairs below the next round's threshold, --open pool pairs, one evaluation
    campaign of --eval-pairs pairs, images only); `storage_report` before and after `prune_latents`,
    and the same bookkeeping in closed form for SD 1.5 and SDXL.
+4. The prune's queries at scale, on Postgres (--postgres, a scratch database next to it): --scale-pairs
+   training pairs (two trajectories each) inserted in SQL, 320 per round, every round finished but the
+   last (running); the time to find the prunable trajectories (keep_rounds 0 and 5) and to mark them
+   (one UPDATE, rolled back). No blobs: this measures the database side only.
 
-Usage: python bench/storage.py [--pairs 8] [--rounds 10] [--round-pairs 48] [--out FILE]
+Usage: python bench/storage.py [--pairs 8] [--rounds 10] [--round-pairs 48] [--scale-pairs 100000]
+       [--postgres URL] [--out FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/core.py must not shadow core/
+
+from common import drop_database, scratch_database  # noqa: E402
 
 from core import blob_keys  # noqa: E402
 from core.db import make_engine, make_session_factory  # noqa: E402
@@ -259,6 +267,74 @@ def simulate_retention(args: argparse.Namespace, pngs: list[bytes]) -> dict[str,
     }
 
 
+def query_scale(admin_url: str, pairs: int, per_round: int = 320) -> dict[str, object]:
+    """Time the prunable query and the marking UPDATE over `pairs` pairs in a scratch Postgres database."""
+    from sqlalchemy import text
+
+    from core.db.retention import mark_latents_pruned, prunable_latents
+
+    url = scratch_database(admin_url, "densealign_bench_retention")
+    rounds = -(-pairs // per_round)
+    try:
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO policy_versions (version, metrics, created_at) VALUES (0, '{}', now())")
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO prompts (text, split, active, created_at) VALUES ('p', 'train', true, now())"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO trajectories (id, prompt_id, policy_version, seed, sampler, latents_key, image_key, "
+                    "created_at) SELECT g, 1, 0, g, '{}', 'trajectories/v0/p1/' || g || '.safetensors', "
+                    "'images/v0/p1/' || g || '.png', now() FROM generate_series(1, :n) g"
+                ),
+                {"n": 2 * pairs},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO pairs (id, prompt_id, policy_version, kind, pairing, trajectory_a_id, trajectory_b_id, "
+                    "required_judgements, judgement_count, created_at) SELECT g, 1, 0, 'train', 'independent', "
+                    "2 * g - 1, 2 * g, 1, 1, now() FROM generate_series(1, :n) g"
+                ),
+                {"n": pairs},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO training_rounds (id, base_version, status, pairs_used, votes_used, metrics, started_at) "
+                    "SELECT g, 0, CASE WHEN g = :r THEN 'running' ELSE 'done' END, 0, 0, '{}', now() "
+                    "FROM generate_series(1, :r) g"
+                ),
+                {"r": rounds},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO training_round_pairs (round_id, pair_id, winner, votes, weight) "
+                    "SELECT 1 + (g - 1) / :k, g, 'a', 1, 1 FROM generate_series(1, :n) g"
+                ),
+                {"k": per_round, "n": pairs},
+            )
+            conn.execute(text("ANALYZE"))
+        out: dict[str, object] = {"pairs": pairs, "rounds": rounds, "pairs_per_round": per_round}
+        with make_session_factory(engine)() as session:
+            for keep in (0, 5):
+                start = time.perf_counter()
+                found = prunable_latents(session=session, keep_rounds=keep)
+                out[f"prunable_keep_{keep}"] = len(found)
+                out[f"find_seconds_keep_{keep}"] = time.perf_counter() - start
+            start = time.perf_counter()
+            out["marked"] = mark_latents_pruned(session=session)
+            out["mark_seconds"] = time.perf_counter() - start
+            session.rollback()
+        engine.dispose()
+    finally:
+        drop_database(admin_url, url)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8, help="pairs sampled with the shipped model")
@@ -267,6 +343,10 @@ def main() -> None:
     parser.add_argument("--waiting", type=int, default=20, help="decided pairs waiting for the next round")
     parser.add_argument("--open", type=int, default=24, help="unlabelled pool pairs")
     parser.add_argument("--eval-pairs", type=int, default=50)
+    parser.add_argument(
+        "--scale-pairs", type=int, default=100_000, help="pairs for the query timing; 0 = skip"
+    )
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "storage.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -310,7 +390,7 @@ def main() -> None:
         }
         print(
             f"{name:18s} latents file {latents:>10,d} B  png {png:>10,.0f} B  pair {per_pair:>12,.0f} B  "
-            f"100k pairs {per_pair * PAIRS_PER_TOTAL / 2**30:8.2f} GiB (latents {2 * latents / per_pair:.1%})"
+            f"100k pairs {per_pair * PAIRS_PER_TOTAL / 1e9:8.2f} GB (latents {2 * latents / per_pair:.1%})"
         )
     print("shipped run:", {k: v for k, v in run.items() if k != "png_bytes"})
     print("synthetic PNGs:", synthetic)
@@ -324,7 +404,12 @@ def main() -> None:
         f"trajectories {b['usage']['trajectories']['bytes']:,} -> {a['usage']['trajectories']['bytes']:,} B"
     )
 
+    scale = query_scale(args.postgres, args.scale_pairs) if args.scale_pairs else None
+    if scale:
+        print("prune queries at scale (Postgres):", scale)
+
     out = {
+        "retention_queries_postgres": scale,
         "machine": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
