@@ -115,7 +115,7 @@ def _temp_size(store: BlobStore, key: str) -> int:
 
 def storage_report(*, session: Session, store: ListableBlobStore, keep_rounds: int = 0) -> StorageReport:
     """Walk the store once per top-level prefix and read the trajectory rows."""
-    usage = {name: Usage() for name, _ in KINDS}
+    usage = {name: Usage() for name in ("trajectories", "images", "eval_images", "policies", "rounds")}
     temp = Usage()
     traj_sizes: dict[str, int] = {}
     for top in sorted({prefix.split("/")[0] for _, prefix in KINDS}):
@@ -141,11 +141,11 @@ def prune_latents(
     in the store (so a run after a crash finishes the last one's deletes). A dry run changes nothing and
     reports what would be deleted."""
     if dry_run:
-        sizes, _ = _sizes(store, TRAJECTORIES)
+        stored = {key for key, _mtime, is_temp in store.files_under(TRAJECTORIES) if not is_temp}
         result = PruneResult(marked=0, dry_run=True)
         for _tid, key in prunable_latents(session=session, keep_rounds=keep_rounds):
-            if key in sizes:
-                result.deleted.add(sizes[key])
+            if key in stored:
+                result.deleted.add(blob_size(store, key))
         return result
     marked = mark_latents_pruned(session=session, keep_rounds=keep_rounds)
     session.commit()  # the markers first: from here on a missing blob is explained

@@ -1,10 +1,12 @@
 """`densealign storage report|prune`: bytes by kind in the blob store, and pruning trained latents.
 
 `report` prints files and bytes per kind (trajectories, images, evaluation images, policies, round
-checkpoints), trajectory rows by what became of their latents, and what `prune` would delete under the
-current retention settings (DENSEALIGN_RETENTION__KEEP_ROUNDS, or --keep-rounds). `prune` marks, commits,
-then deletes (core/retention.py); `--dry-run` changes nothing. Exit codes: 0 done; 1 the database or
-the store could not be read; 2 bad arguments or settings; each error is one line.
+checkpoints), trajectory rows by what became of their latents, and what `prune` would delete under
+the current retention settings (DENSEALIGN_RETENTION__KEEP_ROUNDS, or --keep-rounds). `prune` marks,
+commits, then deletes (core/retention.py), whether or not DENSEALIGN_RETENTION__DROP_TRAINED_LATENTS
+is on (that setting makes the trainer prune after each version); `--dry-run` changes nothing.
+Exit codes: 0 done; 1 the database or the store could not be read; 2 bad arguments or settings; each
+error is one line.
 """
 
 from __future__ import annotations
