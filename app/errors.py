@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from core.db.errors import Conflict, DomainError, InvalidInput, NotAllowed, NotFound
-from core.storage import BlobCorrupt, BlobNotFound, InvalidBlobKey
+from core.storage import BlobCorrupt, BlobNotFound, BlobStoreUnavailable, InvalidBlobKey
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ def install_error_handlers(app: FastAPI) -> None:
         # The server's copy is damaged (not the caller's fault): say which blob, and log it for the operator.
         log.error("%s", exc)
         return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    @app.exception_handler(BlobStoreUnavailable)
+    async def blob_store_down(_: Request, exc: BlobStoreUnavailable) -> JSONResponse:
+        # The object store is down or unreachable (after the client's retries): not the caller's fault,
+        # and likely brief, so 503 with a hint to retry; the message names the object and the fix.
+        log.error("%s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(InvalidBlobKey)
     async def blob_key(_: Request, exc: InvalidBlobKey) -> JSONResponse:

@@ -67,6 +67,10 @@ class BlobStoreFull(OSError):
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+class BlobStoreUnavailable(RuntimeError):
+    """A remote blob store (an S3 endpoint) did not answer, retries included; retrying later may work."""
+
+
 def get_verified(store: BlobStore, key: str, sha256: str) -> bytes:
     """The blob's bytes, after checking them against the sha256 recorded when it was written."""
     data = store.get(key)

@@ -41,7 +41,7 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from core.storage import BlobNotFound, BlobStoreFull, validate_key
+from core.storage import BlobNotFound, BlobStoreFull, BlobStoreUnavailable, validate_key
 
 DEFAULT_MAX_ATTEMPTS = 5  # one request and up to 4 retries: backoff of up to 1 + 2 + 4 + 8 s
 MULTIPART_THRESHOLD = 64 << 20  # bytes; smaller blobs go up in one PUT
@@ -86,7 +86,7 @@ class BlobStoreAccessDenied(BlobStoreError):
         )
 
 
-class BlobStoreUnreachable(BlobStoreError):
+class BlobStoreUnreachable(BlobStoreError, BlobStoreUnavailable):
     def __init__(self, op: str, location: str, endpoint: str, attempts: int, cause: BaseException) -> None:
         super().__init__(
             f"could not {op} {location}: the S3 endpoint {endpoint} did not answer after {attempts} attempts "

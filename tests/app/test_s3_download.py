@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from core.blob_stores import open_blob_store
 from core.db.policies import publish_policy_version
-from core.storage_s3 import S3BlobStore
-from tests.s3 import shared_server, use_server
+from core.storage_s3 import S3BlobStore, make_client
+from tests.s3 import MotoServer, free_port, shared_server, use_server
 
 KEY = "policies/v1/pytorch_lora_weights.safetensors"
 
@@ -91,3 +91,21 @@ def test_a_corrupt_adapter_in_the_bucket_is_refused(
 
     assert response.status_code == 500
     assert KEY in response.json()["detail"] and digest in response.json()["detail"]
+
+
+def test_an_unreachable_object_store_is_503_naming_the_object(
+    annotator: tuple[TestClient, Any], pair: Any, blob_store: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same store object, now pointed at a port nobody listens on, with 2 quick attempts.
+    dead = MotoServer(auth=False, port=free_port())
+    use_server(monkeypatch, dead)
+    monkeypatch.setattr(blob_store, "client", make_client(max_attempts=2, connect_timeout=1, read_timeout=1))
+    monkeypatch.setattr(blob_store, "endpoint", dead.url)
+    monkeypatch.setattr(blob_store, "max_attempts", 2)
+    api, _ = annotator
+
+    response = api.get(f"/api/v1/pairs/{pair.id}/images/a")
+
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert response.json()["detail"].startswith(f"could not read s3://{blob_store.bucket}/app/images/")
+    assert f"the S3 endpoint {dead.url} did not answer after 2 attempts" in response.json()["detail"]
