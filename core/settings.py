@@ -19,8 +19,9 @@ class ModelConfig(BaseModel):
 
     base_model: str = Field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Diffusers Stable Diffusion (1.x, 2.x or XL) hub id or local folder; `tiny:sd` is a "
-        "random tiny model for tests. Offline (HF_HUB_OFFLINE=1) a hub id must already be cached.",
+        description="Diffusers hub id or local folder of a Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 "
+        "pipeline (the family follows from its pipeline class); `tiny:sd`, `tiny:sdxl`, `tiny:sd3`, `tiny:flux` "
+        "are random tiny models for tests. Offline (HF_HUB_OFFLINE=1) a hub id must already be cached.",
     )
     device: str = Field(
         default="auto", description="torch device for workers and trainer; auto = cuda if present."
@@ -35,16 +36,25 @@ class ModelConfig(BaseModel):
     lora_targets: tuple[str, ...] = Field(
         default=("to_q", "to_k", "to_v", "to_out.0"),
         min_length=1,
-        description="UNet sub-modules that carry the adapter; default: every attention projection.",
+        description="Denoiser sub-modules (UNet, or SD3/FLUX transformer) that carry the adapter; default: "
+        "every attention projection.",
     )
 
 
 class SamplerConfig(BaseModel):
     """How workers sample trajectories; recorded with each trajectory and reused by training."""
 
-    num_steps: int = Field(default=50, ge=1, le=1000, description="DDIM steps N per trajectory (paper: 50).")
+    num_steps: int = Field(
+        default=50, ge=1, le=1000, description="Sampling steps N per trajectory (paper: 50 DDIM steps)."
+    )
     guidance_scale: float = Field(default=7.5, ge=0, description="Classifier-free guidance w (paper: 7.5).")
-    eta: float = Field(default=1.0, gt=0, description="DDIM eta; 1.0 = DDPM posterior variance (paper).")
+    eta: float = Field(
+        default=1.0,
+        gt=0,
+        description="Per-step noise level. SD/SDXL: DDIM eta, 1.0 = DDPM posterior variance (paper). SD3/FLUX: "
+        "the SDE noise level a of Flow-GRPO (it trains SD3.5 with 0.7); 0 would be the stock ODE, with no "
+        "log-density.",
+    )
     image_size: int | None = Field(
         default=None,
         ge=8,

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat=heartbeat,
             loaded_version=lambda: sampler.loaded_version,
             burst=args.burst,
+            model_family=sampler.policy.family,
         )
     finally:
         stop.set()

@@ -39,6 +39,8 @@ class SamplingWorker(SimpleWorker):
 
     heartbeat_: Heartbeat | None = None
     loaded_version: Callable[[], int | None] = staticmethod(lambda: None)
+    # what the idle state says it waits with, e.g. "sd3 model" (the dashboard shows it)
+    idle_detail: str = "waiting for sampling jobs"
     stop_requested_by_signal = False
 
     def get_heartbeat_ttl(self, job: Any) -> int:
@@ -61,7 +63,7 @@ class SamplingWorker(SimpleWorker):
         finally:
             done.set()
             refresher.join()
-            self._say("idle", "waiting for sampling jobs")
+            self._say("idle", self.idle_detail)
 
     def _refresh(self, job: Any, done: threading.Event) -> None:
         while not done.wait(JOB_HEARTBEAT_TTL / 3):
@@ -82,8 +84,11 @@ def serve_until_stopped(
     heartbeat: Heartbeat | None = None,
     loaded_version: Callable[[], int | None] = lambda: None,
     burst: bool = False,
+    model_family: str | None = None,
 ) -> int:
-    """Run RQ workers one after another until a signal (or, with `burst`, an empty queue); returns 0."""
+    """Run RQ workers one after another until a signal (or, with `burst`, an empty queue); returns 0.
+    `model_family` (e.g. "sd3") goes into the idle state the dashboard shows."""
+    idle = "waiting for sampling jobs" + (f" ({model_family} model)" if model_family else "")
     stop = threading.Event()
     failures = 0
     while True:
@@ -92,8 +97,9 @@ def serve_until_stopped(
             worker = SamplingWorker([Queue(name, connection=redis) for name in queue_names], connection=redis)
             worker.heartbeat_ = heartbeat
             worker.loaded_version = loaded_version  # type: ignore[method-assign]
+            worker.idle_detail = idle
             if heartbeat is not None:
-                heartbeat.set("idle", "waiting for sampling jobs", version=loaded_version())
+                heartbeat.set("idle", idle, version=loaded_version())
             # SIGTERM: RQ finishes the job in hand (a warm shutdown), then returns; a second SIGTERM
             # stops at once. Compose's stop grace is sized to one job at the settings each file ships.
             worker.work(burst=burst, with_scheduler=True, logging_level="INFO")

@@ -42,6 +42,11 @@ def adapter_alpha_and_rank(tensors: dict[str, Tensor], metadata: dict[str, str])
 def to_kohya(tensors: dict[str, Tensor], *, alpha: float) -> dict[str, Tensor]:
     """diffusers keys (`unet.<path>.lora.down.weight`) -> kohya keys, with an alpha per module."""
     out: dict[str, Tensor] = {}
+    if any(key.startswith("transformer.") for key in tensors):
+        raise ValueError(
+            "this adapter is for an SD3/FLUX transformer; the kohya format covers SD 1.x/2.x UNet adapters "
+            "only: export it with --format diffusers (stock load_lora_weights reads that file)"
+        )
     for key, value in tensors.items():
         if not key.startswith("unet."):
             raise ValueError(f"unexpected key {key!r}: only UNet adapters are exported")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.diffusion.export import export_adapter
 from core.diffusion.flow import flow_step_mean, pack_latents, unpack_latents
 from core.diffusion.models import load_pipeline
 from core.diffusion.policy import AdapterMismatchError, LoraSettings, Policy
@@ -229,3 +230,12 @@ def test_bf16_sampling_and_a_training_step_stay_finite(kind):
         metrics = train_step(policy, optimizer, pairs, hp, schedule, generator=gen)
         assert math.isfinite(metrics.loss) and math.isfinite(metrics.grad_norm)
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in policy.lora_parameters())
+
+
+def test_kohya_export_of_a_transformer_adapter_says_to_use_the_diffusers_format(tmp_path):
+    policy = Policy(load_pipeline("tiny:sd3"), LoraSettings(rank=2))
+    path, _ = policy.save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="SD3/FLUX transformer.*--format diffusers"):
+        export_adapter(path, tmp_path / "out", "kohya")
+    copied = export_adapter(path, tmp_path / "out", "diffusers")
+    assert copied.read_bytes() == path.read_bytes()
