@@ -114,6 +114,14 @@ class DpoConfig(BaseModel):
     poll_seconds: float = Field(
         default=5.0, gt=0, description="How often the idle trainer checks for labels."
     )
+    collective_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="Data-parallel trainer (torchrun, WORLD_SIZE > 1): seconds a rank waits for the others "
+        "in a collective (gradient all-reduce, rank 0's next round) before it fails, so a dead rank stops "
+        "the rest within this long and the round resumes from its checkpoint at the next start. It must "
+        "cover the ranks' differences in model loading and rank 0's idle polls.",
+    )
     seed: int = Field(default=0, description="Seed of the step-index and pair sampling in training.")
     max_round_trajectories_mb: float = Field(
         default=1024.0,

@@ -2,12 +2,18 @@
 
 Settings come from DENSEALIGN_* (see core/settings.py: `dpo`, `model`). A running round left by a
 killed trainer is resumed first. Bad settings stop the process at start with one line.
+
+Under torchrun (WORLD_SIZE > 1) each process is one rank of a data-parallel trainer
+(trainer/data_parallel.py): rank 0 runs the loop below (lock, heartbeats, picking and publishing
+rounds), the others train their share of each round rank 0 picks. A lost rank ends every rank with
+exit status 1 and one line; the round resumes from its checkpoint at the next start.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,6 +33,7 @@ from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_conf
 from core.heartbeat import Heartbeat
 from core.retention import prune_after_publish
 from core.settings import Settings, SettingsError, load_settings
+from trainer.data_parallel import DataParallel, DataParallelError, data_parallel_from_env
 from trainer.rounds import RoundAlreadyFinished, Trainer
 
 logger = logging.getLogger("densealign.trainer")
@@ -107,6 +114,7 @@ def serve_rounds(
                         logger.info("another trainer holds the trainer lock; standing by")
                         standby_logged = True
                     heartbeat.set("standby", "another trainer is running", version=trainer.current_version)
+                    trainer.idle()
                     stop.wait(poll_seconds)
                     continue
                 standby_logged = False
@@ -146,11 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         "--once", action="store_true", help="train at most one round (if enough labels), then exit"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    name = _process_name()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     stop, graceful = threading.Event(), threading.Event()
     install_stop_handlers(stop, graceful)
+    parallel: DataParallel | None = None
     try:
         settings = load_settings()
+        parallel, device = data_parallel_from_env(
+            timeout_seconds=settings.dpo.collective_timeout_seconds, device=settings.model.device
+        )
+        if device != settings.model.device:  # each rank on its own GPU
+            settings = settings.model_copy(
+                update={"model": settings.model.model_copy(update={"device": device})}
+            )
         engine = make_engine(settings.database_url)
         # Beats start once the model is loaded (compose's start period covers the load), so a start
         # that fails on bad settings prints its one line and nothing else.
@@ -168,21 +185,43 @@ def main(argv: list[str] | None = None) -> int:
         except (ModelNotFoundError, AdapterMismatchError, ValueError) as exc:
             raise SettingsError(str(exc)) from None
         trainer.should_stop = stop.is_set
-        heartbeat.start()
+        trainer.parallel = parallel
+        if parallel is None or parallel.leader:
+            heartbeat.start()
     except SettingsError as exc:
         print(f"densealign trainer: {exc}", file=sys.stderr)
         return 2
+    except DataParallelError as exc:
+        print(f"densealign trainer: {exc}", file=sys.stderr)
+        return 1
     graceful.set()
     try:
-        serve_rounds(
-            trainer,
-            engine=engine,
-            heartbeat=heartbeat,
-            stop=stop,
-            poll_seconds=settings.dpo.poll_seconds,
-            once=args.once,
-        )
+        if parallel is not None and not parallel.leader:
+            trainer.follow()
+        else:
+            try:
+                serve_rounds(
+                    trainer,
+                    engine=engine,
+                    heartbeat=heartbeat,
+                    stop=stop,
+                    poll_seconds=settings.dpo.poll_seconds,
+                    once=args.once,
+                )
+            finally:
+                heartbeat.stop("exited")
+            trainer.release_followers()
+    except DataParallelError as exc:
+        print(f"densealign trainer: {exc}", file=sys.stderr)
+        return 1
     finally:
-        heartbeat.stop("exited")
+        if parallel is not None:
+            parallel.close()
     logger.info("stopped")
     return 0
+
+
+def _process_name() -> str:
+    """`trainer`, or `trainer rank R/N` in a data-parallel group (torchrun sets RANK and WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"trainer rank {os.environ.get('RANK', '?')}/{world}" if world > 1 else "trainer"

@@ -68,6 +68,7 @@ from core.diffusion.sampler import (
 from core.diffusion.training import (
     PairBatch,
     ReferenceCache,
+    StepMetrics,
     draw_step_indices,
     make_optimizer,
     scheduled_lr,
@@ -76,6 +77,10 @@ from core.diffusion.training import (
 )
 from core.settings import DpoConfig, EvalConfig
 from core.storage import BlobNotFound, BlobStore
+from trainer.data_parallel import DataParallel, DataParallelError
+
+# What rank 0 tells the other ranks when the trainer stops (`Trainer.release_followers`).
+_EXIT = "exit"
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +248,9 @@ class Trainer:
     current_version: int | None = field(default=None, init=False)
     # Seconds between refits of every labeller's stored ability (Settings.reliability); None = never.
     reliability_refresh_seconds: float | None = None
+    # This process's rank when torchrun runs the trainer on several processes (trainer/data_parallel.py);
+    # None: one process. Rank 0 picks and publishes the rounds; every rank trains its share of each step.
+    parallel: DataParallel | None = None
     _abilities_due: float = field(default=0.0, init=False)
 
     def refresh_abilities(self, now: float | None = None) -> int | None:
@@ -258,7 +266,53 @@ class Trainer:
 
     def run_once(self) -> int | None:
         """Resume a running round, or start one if enough labels at the current sampler settings wait;
-        returns the published version (None: nothing to train yet, or stopped mid-round)."""
+        returns the published version (None: nothing to train yet, or stopped mid-round).
+
+        Data-parallel: rank 0 calls this and tells the other ranks (waiting in `follow`) what it picked."""
+        try:
+            picked = self._pick_round()
+        except BaseException:
+            self.idle()  # the other ranks wait for rank 0's next pick
+            raise
+        self._tell_followers(picked)
+        if picked is None:
+            return None
+        if self.parallel is None:
+            return self._train(*picked)
+        try:
+            return self._train(*picked)
+        except (DataParallelError, RoundAlreadyFinished):  # the other ranks know (or died)
+            raise
+        except Exception as exc:
+            # The other ranks are mid-round, in step with rank 0's collectives: they cannot wait for a
+            # retry (a database outage, say), so every rank stops; the next start resumes the round.
+            raise DataParallelError(
+                f"rank 0 of {self.parallel.world}: round {picked[0]} failed mid-way ({type(exc).__name__}: "
+                f"{exc}); every rank stops, and the next start resumes the round from its checkpoint"
+            ) from exc
+
+    def idle(self) -> None:
+        """Data-parallel rank 0, training nothing now (standby, waiting, an error): the other ranks wait."""
+        self._tell_followers(None)
+
+    def release_followers(self) -> None:
+        """Data-parallel rank 0, stopping: the other ranks leave `follow` and exit."""
+        self._tell_followers(_EXIT)
+
+    def follow(self) -> None:
+        """Data-parallel ranks other than 0: train the rounds rank 0 picks until it stops."""
+        assert self.parallel is not None and not self.parallel.leader
+        while (picked := self.parallel.from_leader("waiting for rank 0's next round")) != _EXIT:
+            if picked is not None:
+                self._train(*picked)
+
+    def _tell_followers(self, picked: tuple[int, int] | int | str | None) -> None:
+        """Data-parallel rank 0: what the others do next (a round, a published version, wait, exit)."""
+        if self.parallel is not None:
+            self.parallel.from_leader("telling the ranks the next round", picked)
+
+    def _pick_round(self) -> tuple[int, int] | None:
+        """The round to train now, (round id, base version), as `run_once` describes; writes its rows."""
         cfg = self.config
         self.refresh_abilities()
         with self.sessions() as session, session.begin():
@@ -294,8 +348,7 @@ class Trainer:
                 logger.info(
                     "round %d on base version %d: %s", round_.id, current, groups.explain(cfg.min_new_pairs)
                 )
-            round_id, base_version = round_.id, round_.base_version
-        return self._train(round_id, base_version)
+            return round_.id, round_.base_version
 
     def _start_evaluation(self, session: Session, published: int | None = None) -> None:
         """Start the automatic evaluation campaign of the newest version if none runs (Settings.eval)."""
@@ -371,6 +424,9 @@ class Trainer:
         for step in range(steps):
             gen, idx = self._draw(round_id, step, len(examples))
             step_idx = draw_step_indices(self.config, schedule.num_steps, len(idx), gen)
+            if self.parallel is not None:  # this rank's cache holds its own share's rows
+                share = self.parallel.share(len(idx))
+                idx, step_idx = idx[share], step_idx[share]
             warm_reference_cache(self.policy, examples.batch(idx), step_idx, schedule, cache)
 
     def _start_state(self, base_version: int) -> torch.optim.Optimizer:
@@ -398,18 +454,19 @@ class Trainer:
         schedule = step_schedule(self.policy.pipe, examples.settings)
         cache = ReferenceCache(int(cfg.reference_cache_mb * 2**20))
         metrics, start_step = self._resume(ckpt_key, optimizer, examples.settings.num_steps)
+        if self.parallel is not None:
+            self._join_ranks(start_step)
         if start_step:
             logger.info("round %d: resumed at step %d", round_id, start_step)
             self._replay_reference(examples, round_id, start_step, schedule, cache)
         for step in range(start_step, cfg.steps_per_round):
-            gen, idx = self._draw(round_id, step, len(examples))
-            batch = self._batch(examples, idx)
             for group in optimizer.param_groups:  # set by the step's index, so a resumed round matches
                 group["lr"] = scheduled_lr(cfg, step)
-            metrics.add(train_step(self.policy, optimizer, batch, cfg, schedule, gen, cache), cfg.clip)
+            step_metrics, stop = self._step(examples, round_id, step, optimizer, schedule, cache)
+            metrics.add(step_metrics, cfg.clip)
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
-            if self.should_stop is not None and self.should_stop() and step + 1 < cfg.steps_per_round:
+            if stop and step + 1 < cfg.steps_per_round:
                 self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
                 logger.info(
                     "round %d: stopped at step %d/%d; it resumes there",
@@ -427,6 +484,10 @@ class Trainer:
             len(cache),
             cache.evictions,
         )
+        if self.parallel is not None:
+            self.parallel.check_same(self.policy.lora_parameters())
+            if not self.parallel.leader:
+                return self.parallel.from_leader("waiting for rank 0 to publish")  # type: ignore[no-any-return]
         summary = metrics.summary() | {
             "pairs_used": len(examples),
             "labels_used": sum(p.votes for p in examples.pairs),
@@ -441,11 +502,63 @@ class Trainer:
         }
         if self.evaluate is not None:
             summary |= self.evaluate(self.policy)
-        version = self._publish(round_id, base_version, optimizer, summary)
+        try:
+            version = self._publish(round_id, base_version, optimizer, summary)
+        except BaseException:
+            self.idle()
+            raise
+        self._tell_followers(version)
         self.blobs.delete(ckpt_key)
         if self.on_publish:
             self.on_publish(version)
         return version
+
+    def _step(
+        self,
+        examples: RoundExamples,
+        round_id: int,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        schedule: StepSchedule,
+        cache: ReferenceCache,
+    ) -> tuple[StepMetrics, bool]:
+        """Optimizer step `step` of the round, and whether to stop after it (`should_stop`).
+
+        Data-parallel, this rank trains its share of the step's pairs at the step indices one process
+        would draw for them, and the metrics and the stop are those of the whole step, on every rank."""
+        cfg, parallel = self.config, self.parallel
+        gen, idx = self._draw(round_id, step, len(examples))
+        if parallel is None:
+            m = train_step(self.policy, optimizer, self._batch(examples, idx), cfg, schedule, gen, cache)
+            return m, self.should_stop is not None and self.should_stop()
+        step_idx = draw_step_indices(cfg, schedule.num_steps, len(idx), gen)  # (B, M): the same stream
+        share = parallel.share(len(idx))
+        pairs = share.stop - share.start
+        params = self.policy.lora_parameters()
+        m = train_step(
+            self.policy,
+            optimizer,
+            self._batch(examples, idx[share]),
+            cfg,
+            schedule,
+            gen,
+            cache,
+            step_idx=step_idx[share],
+            reduce_gradients=lambda: parallel.reduce_gradients(params, pairs / len(idx)),
+        )
+        return parallel.combine(m, pairs, self.should_stop is not None and self.should_stop())
+
+    def _join_ranks(self, start_step: int) -> None:
+        """Data-parallel: every rank starts the round at rank 0's step with rank 0's adapter (version 0's
+        LoRA A matrices are drawn at random in each process)."""
+        assert self.parallel is not None
+        starts = self.parallel.gather("agreeing on the round's first step", start_step)
+        if len(set(starts)) != 1:
+            raise DataParallelError(
+                f"the ranks would resume the round at different steps {starts} (their blob stores differ?): "
+                "every rank must read the same blob store"
+            )
+        self.parallel.broadcast_parameters(self.policy.lora_parameters())
 
     def _resume(
         self, ckpt_key: str, optimizer: torch.optim.Optimizer, num_steps: int
@@ -462,6 +575,8 @@ class Trainer:
     def _checkpoint(
         self, key: str, step: int, optimizer: torch.optim.Optimizer, metrics: RoundMetrics
     ) -> None:
+        if self.parallel is not None and not self.parallel.leader:
+            return  # rank 0 writes; the ranks hold the same state
         buf = io.BytesIO()
         adapter = self.policy.lora_state()
         torch.save(
