@@ -13,9 +13,13 @@ at object `prefix/k`. The guarantees are the local store's:
 
 Endpoint and credentials come from the standard AWS variables, read by botocore itself
 (AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_DEFAULT_REGION, or a profile). Failed requests are retried in botocore's standard mode
-(exponential backoff with jitter; `max_attempts` in all), so a short outage is ridden out; what
-still fails raises one of the errors below, naming the bucket, the key and what to do.
+AWS_DEFAULT_REGION, or a profile). Two layers of retries ride out an outage: botocore's standard
+mode retries a failed request at once (`max_attempts` in all, backoff of tens of milliseconds, which
+covers a dropped connection or a throttled request), and when the endpoint still does not answer
+the store waits `outage_waits` seconds in turn (1, 2, 4: an object store restarting) and tries the
+operation again. What still fails raises one of the errors below, naming the bucket, the key and
+what to do; the longest wait is bounded (about 7 s when connections are refused, plus the connect
+timeouts when the host does not answer at all).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import datetime as dt
 import errno
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 import boto3
@@ -43,7 +49,11 @@ from botocore.exceptions import (
 
 from core.storage import BlobNotFound, BlobStoreFull, BlobStoreUnavailable, validate_key
 
-DEFAULT_MAX_ATTEMPTS = 5  # one request and up to 4 retries: backoff of up to 1 + 2 + 4 + 8 s
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_MAX_ATTEMPTS = 3  # botocore's attempts per request (its standard mode's default)
+OUTAGE_WAITS = (1.0, 2.0, 4.0)  # seconds between whole tries while the endpoint does not answer
 MULTIPART_THRESHOLD = 64 << 20  # bytes; smaller blobs go up in one PUT
 PART_SIZE = 16 << 20  # bytes per multipart part (S3's minimum is 5 MiB, all parts but the last)
 
@@ -87,11 +97,15 @@ class BlobStoreAccessDenied(BlobStoreError):
 
 
 class BlobStoreUnreachable(BlobStoreError, BlobStoreUnavailable):
-    def __init__(self, op: str, location: str, endpoint: str, attempts: int, cause: BaseException) -> None:
+    def __init__(
+        self, op: str, location: str, endpoint: str, attempts: int, seconds: float, cause: BaseException
+    ) -> None:
         super().__init__(
-            f"could not {op} {location}: the S3 endpoint {endpoint} did not answer after {attempts} attempts "
-            f"({type(cause).__name__}): check that the object store is up and AWS_ENDPOINT_URL points at it"
+            f"could not {op} {location}: the S3 endpoint {endpoint} did not answer in {seconds:.1f} s "
+            f"({attempts} attempts, the last: {type(cause).__name__}): check that the object store is up "
+            "and AWS_ENDPOINT_URL points at it"
         )
+        self.attempts, self.seconds, self.cause = attempts, seconds, cause
 
 
 class BlobBucketFull(BlobStoreFull):
@@ -142,14 +156,16 @@ class S3BlobStore:
         *,
         client: Any | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 3.0,
         read_timeout: float = 60.0,
+        outage_waits: Sequence[float] = OUTAGE_WAITS,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.max_attempts = max_attempts
+        self.outage_waits = tuple(outage_waits)
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.client = client or make_client(
@@ -194,9 +210,37 @@ class S3BlobStore:
         except NoCredentialsError as exc:
             raise BlobStoreAccessDenied(op, location, self.endpoint, "no credentials found") from exc
         except (ConnectionError, HTTPClientError, IncompleteReadError) as exc:
-            raise BlobStoreUnreachable(op, location, self.endpoint, self.max_attempts, exc) from exc
+            raise BlobStoreUnreachable(op, location, self.endpoint, self.max_attempts, 0.0, exc) from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"could not {op} {location} at {self.endpoint}: {exc}") from exc
+
+    def _call(self, op: str, key: str, request: Callable[[], T], size: int = 0) -> T:
+        """`request()` with errors translated; while the endpoint does not answer, wait and try again."""
+        started = time.monotonic()
+        for tries, wait in enumerate((*self.outage_waits, None), start=1):
+            try:
+                with self._errors(op, key, size):
+                    return request()
+            except BlobStoreUnreachable as exc:
+                if wait is None:
+                    raise BlobStoreUnreachable(
+                        op,
+                        self._location(key),
+                        self.endpoint,
+                        tries * self.max_attempts,
+                        time.monotonic() - started,
+                        exc.cause,
+                    ) from exc.cause
+                logger.warning(
+                    "the S3 endpoint %s did not answer (%s) to %s %s; trying again in %g s",
+                    self.endpoint,
+                    type(exc.cause).__name__,
+                    op,
+                    self._location(key),
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     # -- the BlobStore protocol ----------------------------------------------------------------
 
@@ -204,11 +248,14 @@ class S3BlobStore:
         """One PUT (or a multipart upload above `multipart_threshold`); the object appears whole."""
         name = self._object(validate_key(key))
         digest = hashlib.sha256(data).hexdigest()
-        with self._errors("write", key, len(data)):
+
+        def upload() -> None:
             if len(data) <= self.multipart_threshold:
                 self.client.put_object(Bucket=self.bucket, Key=name, Body=data, Metadata={"sha256": digest})
             else:
                 self._put_multipart(name, data, digest)
+
+        self._call("write", key, upload, len(data))
         return digest
 
     def _put_multipart(self, name: str, data: bytes, digest: str) -> None:
@@ -239,29 +286,36 @@ class S3BlobStore:
             raise
 
     def get(self, key: str) -> bytes:
-        with self._errors("read", key):
-            body = self.client.get_object(Bucket=self.bucket, Key=self._object(validate_key(key)))["Body"]
-            with body:
-                return cast(bytes, body.read())
+        name = self._object(validate_key(key))
+
+        def download() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+            try:
+                return cast(bytes, body.read())  # botocore checks the length against Content-Length
+            finally:
+                body.close()
+
+        return self._call("read", key, download)
 
     def open(self, key: str) -> BinaryIO:
-        """The object as a file streamed from the GET's body (read it in chunks, close it)."""
-        with self._errors("read", key):
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+        """The object as a file streamed from the GET's body (read it in chunks, close it). A
+        connection lost mid-stream is not retried: the reader gets `BlobStoreUnreachable`."""
+        name = self._object(validate_key(key))
+        response = self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=name))
         return cast(BinaryIO, _ObjectReader(response["Body"], lambda: self._errors("read", key)))
 
     def exists(self, key: str) -> bool:
+        name = self._object(validate_key(key))
         try:
-            with self._errors("look up", key):
-                self.client.head_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+            self._call("look up", key, lambda: self.client.head_object(Bucket=self.bucket, Key=name))
         except BlobNotFound:
             return False
         return True
 
     def delete(self, key: str) -> None:
         """Delete the object; deleting a missing one is fine (S3's DELETE is idempotent)."""
-        with self._errors("delete", key):
-            self.client.delete_object(Bucket=self.bucket, Key=self._object(validate_key(key)))
+        name = self._object(validate_key(key))
+        self._call("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=name))
 
     def local_path(self, key: str) -> Path | None:
         return None  # never on this machine: the app streams the object instead

@@ -1,17 +1,20 @@
 """What only the S3 store has: its URL setting, its errors (each one line naming the bucket, the key
 and the fix), bounded retries, multipart uploads, and riding out an object store killed with -9.
 
-The server is moto's, in its own process (tests/s3.py); the quota answer is the one thing moto
-cannot produce, so that test stubs the client's reply."""
+The server is moto's, in its own process (tests/s3.py), except in the short-outage test; the quota
+answer is the one thing moto cannot produce, so that test stubs the client's reply."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
 from typing import Any
 
 import pytest
 from botocore.stub import Stubber
+from moto.server import ThreadedMotoServer
 
 from core.blob_stores import InvalidBlobUrl, open_blob_store, parse_blob_url
 from core.settings import Settings, SettingsError, load_settings
@@ -184,17 +187,18 @@ def count_attempts(store: S3BlobStore) -> list[str]:
 def test_an_unreachable_endpoint_fails_after_the_bounded_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     nobody = MotoServer(auth=False, port=free_port())  # never started: connections are refused
     use_server(monkeypatch, nobody)
-    store = S3BlobStore("densealign-blobs", max_attempts=3, connect_timeout=1)
+    store = S3BlobStore("densealign-blobs", max_attempts=3, connect_timeout=1, outage_waits=(0.5, 1.0))
     sent = count_attempts(store)
     started = time.monotonic()
     with pytest.raises(BlobStoreUnreachable) as raised:
         store.put("images/x.png", b"x")
-    assert sent == ["PUT"] * 3
-    assert time.monotonic() - started < 10  # backoff of at most 1 + 2 s between the three
+    took = time.monotonic() - started
+    assert sent == ["PUT"] * 9  # 3 tries of 3 attempts each, 0.5 s and 1 s apart
+    assert 1.5 <= took < 10 and raised.value.attempts == 9 and 1.5 <= raised.value.seconds <= took
     assert str(raised.value) == (
-        f"could not write s3://densealign-blobs/images/x.png: the S3 endpoint {nobody.url} did not answer "
-        "after 3 attempts (EndpointConnectionError): check that the object store is up and AWS_ENDPOINT_URL "
-        "points at it"
+        f"could not write s3://densealign-blobs/images/x.png: the S3 endpoint {nobody.url} did not answer in "
+        f"{raised.value.seconds:.1f} s (9 attempts, the last: EndpointConnectionError): check that the object "
+        "store is up and AWS_ENDPOINT_URL points at it"
     )
 
 
@@ -203,7 +207,9 @@ def test_an_object_store_killed_mid_run_fails_clearly_then_recovers(monkeypatch:
     try:
         use_server(monkeypatch, server)
         bucket = server.new_bucket()
-        store = S3BlobStore(bucket, "run", max_attempts=3, connect_timeout=1, read_timeout=5)
+        store = S3BlobStore(
+            bucket, "run", max_attempts=3, connect_timeout=1, read_timeout=5, outage_waits=(0.5,)
+        )
         sha = store.put("images/v0/p1/a.png", b"before the crash")
 
         server.kill()  # kill -9: the process and everything it held in memory are gone
@@ -225,3 +231,36 @@ def test_an_object_store_killed_mid_run_fails_clearly_then_recovers(monkeypatch:
         assert store.get("images/v0/p1/a.png") == b"before the crash"
     finally:
         server.stop()
+
+
+def test_a_short_outage_is_ridden_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint stops answering for about 1.5 s (an object store restarting) while a write and a
+    read are under way: both finish once it is back, without an error. moto runs in-process here
+    (its threaded server), so its buckets outlive the stop, as a real store's data outlive a restart."""
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        use_server(monkeypatch, MotoServer(auth=False, port=port))
+        store = S3BlobStore(
+            "densealign-outage", max_attempts=2, connect_timeout=1, outage_waits=(1.0, 2.0, 4.0)
+        )
+        store.client.create_bucket(Bucket="densealign-outage")
+        store.put("images/v0/p1/old.png", b"written before")
+        sent = count_attempts(store)
+
+        moto.stop()
+        restart = threading.Timer(1.5, moto.start)
+        restart.start()
+        started = time.monotonic()
+        sha = store.put("images/v0/p1/new.png", b"written during the outage")
+        assert store.get("images/v0/p1/old.png") == b"written before"
+        took = time.monotonic() - started
+        restart.join()
+
+        assert 1.5 <= took < 8
+        assert len(sent) >= 5  # the refused tries (2 attempts each) before the put went through, and the get
+        assert store.get("images/v0/p1/new.png") == b"written during the outage"
+        assert sha == hashlib.sha256(b"written during the outage").hexdigest()
+    finally:
+        moto.stop()
