@@ -119,7 +119,8 @@ class BlobBucketFull(BlobStoreFull):
             "stored: raise the bucket's quota, free space in the object store or point DENSEALIGN_BLOB_URL "
             "at another bucket",
         )
-        self.root, self.key, self.size = Path(location), key, size
+        self.root, self.key, self.size = Path(location), key, size  # root: as the local store's
+        self.location = location  # the object's s3:// URL
 
 
 def _is_aws(endpoint: str) -> bool:
