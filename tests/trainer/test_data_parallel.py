@@ -2,8 +2,9 @@
 torchrun, two CPU processes on gloo, real Postgres and blob store, the tiny SD model at 16 px.
 
 1. Two ranks train the same round to the adapter one process trains (same pairs, seeds, global batch).
-2. A rank killed mid-round: the other exits non-zero with one line, nothing is published, and the next
+2. A rank killed or hung mid-round: the other exits non-zero with one line, nothing is published, and the next
    start resumes the round from its last checkpoint and publishes it.
+3. SIGTERM to torchrun: every rank stops after the same step, rank 0 checkpoints it, all exit cleanly.
 """
 
 from __future__ import annotations
@@ -244,3 +245,65 @@ def test_a_lost_rank_fails_the_round_cleanly_and_the_next_start_resumes_it(
         v1 = session.scalar(select(PolicyVersion).where(PolicyVersion.version == 1))
         assert v1 is not None and v1.metrics["optimizer_steps"] == stopped_at + 2
     assert not ckpt_path.exists()
+
+
+def test_stopping_torchrun_checkpoints_every_rank_at_the_same_step(
+    loop_settings: Settings, redis: Any, tmp_path: Path
+) -> None:
+    """As compose stops it: SIGTERM to torchrun, which passes it to every rank. The ranks agree on the
+    step to stop after, rank 0 checkpoints there, and every rank exits cleanly."""
+    settings = labelled(loop_settings, redis)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    env = trainer_env(settings, steps_per_round=100_000, checkpoint_every=100_000)
+    log = tmp_path / "torchrun.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "torchrun"),
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(BIN / "densealign"),
+                "trainer",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                with sessions() as session:
+                    beat = session.scalar(select(ProcessHeartbeat).where(ProcessHeartbeat.role == "trainer"))
+                if (
+                    beat is not None
+                    and beat.state == "training"
+                    and int(beat.detail.split()[-1].split("/")[0]) >= 2
+                ):
+                    break
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no 2 steps in:\n{log.read_text()}"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert "densealign trainer: " not in text, text  # no rank failed
+    for rank in range(2):
+        assert f"trainer rank {rank}/2 INFO stopped" in text, text
+    stops = {
+        line.split(" INFO ")[0][-len("rank 0/2") :]: int(line.split("stopped at step ")[1].split("/")[0])
+        for line in text.splitlines()
+        if "stopped at step" in line
+    }
+    assert stops.keys() == {"rank 0/2", "rank 1/2"} and len(set(stops.values())) == 1, stops
+    stopped_at = stops["rank 0/2"]
+    with sessions() as session:
+        (round_,) = session.scalars(select(TrainingRound)).all()
+        assert round_.status == "running"
+        assert session.scalar(select(PolicyVersion.version).order_by(PolicyVersion.version.desc())) == 0
+    ckpt_path = Path(settings.blob_dir) / "rounds" / str(round_.id) / "checkpoint.pt"
+    ckpt = torch.load(io.BytesIO(ckpt_path.read_bytes()), weights_only=False)
+    assert ckpt["step"] == stopped_at >= 2 and ckpt["metrics"].steps == stopped_at
