@@ -12,9 +12,15 @@ model, in one process, sides alternating run by run so drift hits all of them:
 
 Torch runs on one thread (--threads) so CPU time is the step's work, not other cores'.
 
-Usage: python bench/flow.py [--model tiny:sd3 | tiny:flux | PATH | HUB_ID] [--device cuda] [--dtype bfloat16]
-No GPU was lent when this was written; SD3.5-medium and FLUX.1-dev figures need one (and the weights,
-or their architectures built with random weights).
+Usage: python bench/flow.py [--model tiny:sd3 | tiny:flux | sd35m-random | flux-dev-random | PATH | HUB_ID]
+                            [--device cuda] [--dtype bfloat16] [--size 1024]
+`sd35m-random` and `flux-dev-random` build the SD3.5-medium transformer (24 layers, 2.24B parameters
+as built from the configuration of stabilityai/stable-diffusion-3.5-medium) and the FLUX.1-dev one
+(19 + 38 blocks, 11.90B) with random weights, directly on the device in the asked dtype, with their 16-channel VAE and
+CLIP-L/G text encoders of the real sizes, for timing where the weights are not at hand. The T5-XXL
+encoder is left out of SD3.5 (its documented option: the T5 tokens are zeros) and replaced by a
+one-layer T5 of the same width (4096) for FLUX: it runs once per prompt, not per step. No GPU was lent
+when this was written, so these have not run.
 """
 
 from __future__ import annotations
@@ -44,6 +50,97 @@ from core.diffusion.training import PairBatch, make_optimizer, train_step  # noq
 from core.settings import DpoConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# The transformer configurations of SD3.5-medium and FLUX.1-dev (their model repositories' config.json).
+SD35_MEDIUM = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}  # fmt: skip
+FLUX_DEV = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
+
+
+def random_pipeline(name: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The SD3.5-medium or FLUX.1-dev architecture with random weights, built on `device` in `dtype`."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from core.diffusion.models import clip_tokenizer, tiny_t5_tokenizer
+
+    tok = clip_tokenizer()
+
+    def clip(hidden: int, layers: int, heads: int, projection: bool) -> Any:
+        config = CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden, hidden_act="gelu",
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+    default = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            vae = AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+            )  # fmt: skip
+            if name == "sd35m-random":
+                pipe = StableDiffusion3Pipeline(
+                    transformer=SD3Transformer2DModel(**SD35_MEDIUM),
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                    vae=vae,
+                    text_encoder=clip(768, 12, 12, True),
+                    tokenizer=tok,
+                    text_encoder_2=clip(1280, 32, 20, True),
+                    tokenizer_2=tok,
+                    text_encoder_3=None,
+                    tokenizer_3=None,
+                )
+            else:
+                t5_tok = tiny_t5_tokenizer()
+                t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240,
+                                             num_layers=1, num_heads=64))  # fmt: skip
+                scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                            max_shift=1.15)  # fmt: skip
+                pipe = FluxPipeline(
+                    scheduler=scheduler, vae=vae, text_encoder=clip(768, 12, 12, False), tokenizer=tok,
+                    text_encoder_2=t5, tokenizer_2=t5_tok, transformer=FluxTransformer2DModel(**FLUX_DEV),
+                )  # fmt: skip
+    finally:
+        torch.set_default_dtype(default)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if model in ("sd35m-random", "flux-dev-random"):
+        return random_pipeline(model, device, dtype)
+    return load_pipeline(model, device=device, dtype=dtype)
+
+
 # The stock pipelines' guidance defaults: SD3 7.0 (classifier-free), FLUX.1-dev 3.5 (embedded).
 GUIDANCE = {"sd3": 7.0, "flux": 3.5}
 
@@ -137,7 +234,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny:sd3", help="tiny:sd3, tiny:flux, a folder or a hub id")
+    parser.add_argument(
+        "--model",
+        default="tiny:sd3",
+        help="tiny:sd3, tiny:flux, sd35m-random, flux-dev-random, a folder or a hub id",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per trajectory")
@@ -158,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    stock = load_pipeline(args.model, device=device, dtype=dtype)
-    worker = Policy(load_pipeline(args.model, device=device, dtype=dtype), LoraSettings(rank=args.rank))
-    trainer = Policy(load_pipeline(args.model, device=device, dtype=dtype), LoraSettings(rank=args.rank))
+    stock = load(args.model, device, dtype)
+    worker = Policy(load(args.model, device, dtype), LoraSettings(rank=args.rank))
+    trainer = Policy(load(args.model, device, dtype), LoraSettings(rank=args.rank))
     if worker.family not in GUIDANCE:
         print(f"error: {args.model!r} is a {worker.family} model; this bench is for sd3 and flux (bench/core.py "
               "covers SD and SDXL)", file=sys.stderr)  # fmt: skip
