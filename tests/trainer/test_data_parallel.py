@@ -34,6 +34,7 @@ from tests.conftest import postgres_admin_url
 from tests.trainer.test_round_direction import small
 from tests.worker.test_faults import settings_env
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
+from trainer.data_parallel import DataParallel, DataParallelError
 from worker import sampling
 from worker.main import build_sampler
 
@@ -148,17 +149,27 @@ def test_two_ranks_train_the_round_one_process_trains(
     assert moved > 1e-3, "the round did not move the adapter: the comparison would prove nothing"
     # Not bit for bit: the ranks' gradients reach AdamW as a sum of two partial means instead of one mean,
     # and each rank runs the reference on a smaller batch, so float32 sums come out in another order
-    # (the step metrics below agree to ~1e-6 relative). AdamW's update g / (sqrt(v) + 1e-8) magnifies that
-    # where a gradient element is near 1e-8: measured, the weights differ by at most 8e-5 after 3 steps at
-    # lr 1e-2 (a weight moves up to 1e-2 a step). Tolerance 1e-3, a tenth of a step; giving both ranks'
-    # gradients weight 1/2 instead of their shares of the pairs (1/3, 2/3) moved weights by 5e-2.
-    for key, value in adapter_1.items():
-        torch.testing.assert_close(adapter_2[key], value, rtol=0.0, atol=1e-3, msg=key)
+    # (the loss and gradient norm below agree to ~1e-6 relative). AdamW's update g / (sqrt(v) + 1e-8)
+    # magnifies that for the odd gradient element near 1e-8, which can move a whole step (lr 1e-2) the
+    # other way. So the check is on the bulk: in 7 runs (3 steps) at most 2 of the 11,520 weights differed
+    # by more than 1e-4 and the difference's norm was 6e-5 to 1.5e-3 of the adapter's. Giving both ranks'
+    # gradients weight 1/2 instead of their shares of the pairs (1/3, 2/3): 92% of the weights differed by
+    # more than 1e-4, and the norm was 0.15 of the adapter's.
+    a1 = torch.cat([adapter_1[k].flatten() for k in sorted(adapter_1)])
+    a2 = torch.cat([adapter_2[k].flatten() for k in sorted(adapter_1)])
+    diff = (a2 - a1).abs()
+    assert float((diff > 1e-4).float().mean()) < 1e-3, "more than 0.1% of the weights differ by 1e-4"
+    assert float(diff.norm() / a1.norm()) < 2e-2
     assert metrics_2["optimizer_steps"] == metrics_1["optimizer_steps"] == 3
-    assert metrics_2["implicit_accuracy"] == metrics_1["implicit_accuracy"]
+    # Not the implicit accuracy: at the first step the adapter is zero and a pair's margin is a few units
+    # in the last place (policy and reference rows run in batches of different sizes), so its sign, and
+    # the share of margins above zero, is a coin toss in either run.
     assert metrics_2["loss"] == pytest.approx(metrics_1["loss"], rel=1e-5)
     assert metrics_2["grad_norm"] == pytest.approx(metrics_1["grad_norm"], rel=1e-4)
-    assert metrics_2["abs_logratio_by_step"] == pytest.approx(metrics_1["abs_logratio_by_step"], rel=1e-4)
+    # the last DDIM step's log-ratios are ~3e-4, moved 7e-8 by the weight differences above
+    assert metrics_2["abs_logratio_by_step"] == pytest.approx(
+        metrics_1["abs_logratio_by_step"], rel=1e-4, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -307,3 +318,16 @@ def test_stopping_torchrun_checkpoints_every_rank_at_the_same_step(
     ckpt_path = Path(settings.blob_dir) / "rounds" / str(round_.id) / "checkpoint.pt"
     ckpt = torch.load(io.BytesIO(ckpt_path.read_bytes()), weights_only=False)
     assert ckpt["step"] == stopped_at >= 2 and ckpt["metrics"].steps == stopped_at
+
+
+def test_each_rank_takes_a_contiguous_share_in_rank_order() -> None:
+    shares = [DataParallel(rank, 2, 60.0).share(3) for rank in range(2)]
+    assert shares == [slice(0, 1), slice(1, 3)]  # concatenated in rank order: the step's own order
+    assert [list(range(10))[DataParallel(r, 4, 60.0).share(10)] for r in range(4)] == [
+        [0, 1],
+        [2, 3, 4],
+        [5, 6],
+        [7, 8, 9],
+    ]
+    with pytest.raises(DataParallelError, match="a step of 1 pairs cannot be shared by 2 ranks"):
+        DataParallel(0, 2, 60.0).share(1)
