@@ -167,6 +167,12 @@ def data_parallel_from_env(*, timeout_seconds: float, device: str) -> tuple[Data
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None, device
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise DataParallelError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} unset: start the trainer with torchrun "
+            "(torchrun --nproc-per-node N $(which densealign) trainer), which sets them all"
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:

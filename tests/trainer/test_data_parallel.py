@@ -34,7 +34,7 @@ from tests.conftest import postgres_admin_url
 from tests.trainer.test_round_direction import small
 from tests.worker.test_faults import settings_env
 from tests.worker.test_loop import label_everything, refill_and_work, seed_database
-from trainer.data_parallel import DataParallel, DataParallelError
+from trainer.data_parallel import DataParallel, DataParallelError, data_parallel_from_env
 from worker import sampling
 from worker.main import build_sampler
 
@@ -331,3 +331,17 @@ def test_each_rank_takes_a_contiguous_share_in_rank_order() -> None:
     ]
     with pytest.raises(DataParallelError, match="a step of 1 pairs cannot be shared by 2 ranks"):
         DataParallel(0, 2, 60.0).share(1)
+
+
+def test_one_process_is_no_group_and_a_group_needs_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert data_parallel_from_env(timeout_seconds=5.0, device="auto") == (None, "auto")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert data_parallel_from_env(timeout_seconds=5.0, device="cpu") == (None, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(
+        DataParallelError, match="MASTER_ADDR, MASTER_PORT unset: start the trainer with torchrun"
+    ):
+        data_parallel_from_env(timeout_seconds=5.0, device="cpu")
