@@ -89,12 +89,6 @@ class DataParallel:
         self._collective(what, lambda: dist.all_gather_object(out, obj))
         return out
 
-    def from_leader(self, what: str, obj: Any = None) -> Any:
-        """Rank 0's `obj` on every rank (what the others pass is ignored)."""
-        box = [obj]
-        self._collective(what, lambda: dist.broadcast_object_list(box, src=0))
-        return box[0]
-
     def broadcast_parameters(self, params: Sequence[torch.Tensor]) -> None:
         """Copy rank 0's values into every rank's `params` (one flattened broadcast)."""
         flat = torch.cat([p.detach().reshape(-1) for p in params])

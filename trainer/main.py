@@ -107,7 +107,7 @@ def serve_rounds(
     lock = AdvisoryLock(engine, "densealign:trainer")
     standby_logged = False
     try:
-        while not stop.is_set():
+        while not (stop.is_set() or trainer.group_stopping):
             try:
                 if not lock.try_acquire():
                     if not standby_logged:
@@ -140,7 +140,7 @@ def serve_rounds(
                     f"published version {version}" if version is not None else "not enough decided pairs yet"
                 )
                 return
-            if version is None and not stop.is_set():
+            if version is None and not (stop.is_set() or trainer.group_stopping):
                 reason = trainer.waiting_reason or "waiting for new decided pairs"
                 heartbeat.set("waiting", reason, version=trainer.current_version)
                 stop.wait(poll_seconds)

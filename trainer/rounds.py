@@ -251,6 +251,9 @@ class Trainer:
     # This process's rank when torchrun runs the trainer on several processes (trainer/data_parallel.py);
     # None: one process. Rank 0 picks and publishes the rounds; every rank trains its share of each step.
     parallel: DataParallel | None = None
+    # Data-parallel: some rank was asked to stop (a SIGTERM to its host's torchrun only); rank 0's loop
+    # then ends as if it had been, and with it every rank.
+    group_stopping: bool = field(default=False, init=False)
     _abilities_due: float = field(default=0.0, init=False)
 
     def refresh_abilities(self, now: float | None = None) -> int | None:
@@ -302,14 +305,27 @@ class Trainer:
     def follow(self) -> None:
         """Data-parallel ranks other than 0: train the rounds rank 0 picks until it stops."""
         assert self.parallel is not None and not self.parallel.leader
-        while (picked := self.parallel.from_leader("waiting for rank 0's next round")) != _EXIT:
+        while (picked := self._hear_leader("waiting for rank 0's next round")) != _EXIT:
             if picked is not None:
                 self._train(*picked)
 
-    def _tell_followers(self, picked: tuple[int, int] | int | str | None) -> None:
-        """Data-parallel rank 0: what the others do next (a round, a published version, wait, exit)."""
+    def _tell_followers(self, message: tuple[int, int] | int | str | None) -> None:
+        """Data-parallel rank 0: what the others do next (a round, a published version, wait, exit); hears
+        in return whether any of them was asked to stop."""
         if self.parallel is not None:
-            self.parallel.from_leader("telling the ranks the next round", picked)
+            parts = self.parallel.gather("telling the ranks what comes next", (message, self._stopping()))
+            asked = [rank for rank, (_, stop) in enumerate(parts) if stop and rank > 0]
+            if asked and not self.group_stopping:
+                logger.info("rank %s asked to stop: every rank stops", ", ".join(map(str, asked)))
+            self.group_stopping |= bool(asked)
+
+    def _hear_leader(self, what: str) -> Any:
+        """Data-parallel ranks other than 0: rank 0's message (`_tell_followers`), telling it ours."""
+        assert self.parallel is not None
+        return self.parallel.gather(what, (None, self._stopping()))[0][0]
+
+    def _stopping(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
 
     def _pick_round(self) -> tuple[int, int] | None:
         """The round to train now, (round id, base version), as `run_once` describes; writes its rows."""
@@ -467,6 +483,10 @@ class Trainer:
             if self.progress:
                 self.progress(step + 1, cfg.steps_per_round)
             if stop and step + 1 < cfg.steps_per_round:
+                if self.parallel is not None:  # every rank stops here, whichever was asked
+                    self.group_stopping = True
+                    if not self._stopping():
+                        logger.info("another rank asked to stop: every rank stops")
                 self._checkpoint(ckpt_key, step + 1, optimizer, metrics)
                 logger.info(
                     "round %d: stopped at step %d/%d; it resumes there",
@@ -487,7 +507,7 @@ class Trainer:
         if self.parallel is not None:
             self.parallel.check_same(self.policy.lora_parameters())
             if not self.parallel.leader:
-                return self.parallel.from_leader("waiting for rank 0 to publish")  # type: ignore[no-any-return]
+                return self._hear_leader("waiting for rank 0 to publish")  # type: ignore[no-any-return]
         summary = metrics.summary() | {
             "pairs_used": len(examples),
             "labels_used": sum(p.votes for p in examples.pairs),
@@ -530,7 +550,7 @@ class Trainer:
         gen, idx = self._draw(round_id, step, len(examples))
         if parallel is None:
             m = train_step(self.policy, optimizer, self._batch(examples, idx), cfg, schedule, gen, cache)
-            return m, self.should_stop is not None and self.should_stop()
+            return m, self._stopping()
         step_idx = draw_step_indices(cfg, schedule.num_steps, len(idx), gen)  # (B, M): the same stream
         share = parallel.share(len(idx))
         pairs = share.stop - share.start
@@ -546,7 +566,7 @@ class Trainer:
             step_idx=step_idx[share],
             reduce_gradients=lambda: parallel.reduce_gradients(params, pairs / len(idx)),
         )
-        return parallel.combine(m, pairs, self.should_stop is not None and self.should_stop())
+        return parallel.combine(m, pairs, self._stopping())
 
     def _join_ranks(self, start_step: int) -> None:
         """Data-parallel: every rank starts the round at rank 0's step with rank 0's adapter (version 0's

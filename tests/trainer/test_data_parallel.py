@@ -107,6 +107,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_ranks(
+    env: dict[str, str], tmp_path: Path, *, once: bool = True
+) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """Two ranks of `densealign trainer --once` with what torchrun sets for each, started by hand so that
+    a signal to one reaches only that one (torchrun would also stop the others itself)."""
+    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    for rank, log in enumerate(logs):
+        with log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "densealign"), "trainer", *(["--once"] if once else [])],
+                    env=env | group | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return procs, logs
+
+
+def wait_for_step(sessions: Any, procs: list[Any], logs: list[Path], step: int) -> None:
+    """Until rank 0's heartbeat says the round is `step` optimizer steps in."""
+    deadline = time.monotonic() + 240
+    while True:
+        with sessions() as session:
+            beat = session.scalar(select(ProcessHeartbeat).where(ProcessHeartbeat.role == "trainer"))
+        if (
+            beat is not None
+            and beat.state == "training"
+            and int(beat.detail.split()[-1].split("/")[0]) >= step
+        ):
+            return
+        assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+        assert time.monotonic() < deadline, f"not {step} steps in:\n{logs[0].read_text()}"
+        time.sleep(0.2)
+
+
 def test_two_ranks_train_the_round_one_process_trains(
     loop_settings: Settings, redis: Any, tmp_path: Path
 ) -> None:
@@ -184,35 +221,9 @@ def test_a_lost_rank_fails_the_round_cleanly_and_the_next_start_resumes_it(
     env = trainer_env(
         settings, steps_per_round=100_000, checkpoint_every=1, collective_timeout_seconds=timeout
     )
-    # What torchrun sets for each rank; started by hand so that killing one is all that happens to it
-    # (torchrun would also stop the survivor itself).
-    group = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = []
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    procs, logs = start_ranks(env, tmp_path)
     try:
-        for rank, log in enumerate(logs):
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [str(BIN / "densealign"), "trainer", "--once"],
-                        env=env | group | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + 240
-        while True:  # until rank 0 is a few optimizer steps into the round
-            with sessions() as session:
-                beat = session.scalar(select(ProcessHeartbeat).where(ProcessHeartbeat.role == "trainer"))
-            if (
-                beat is not None
-                and beat.state == "training"
-                and int(beat.detail.split()[-1].split("/")[0]) >= 2
-            ):
-                break
-            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
-            assert time.monotonic() < deadline, f"no 2 steps in:\n{logs[0].read_text()}"
-            time.sleep(0.2)
+        wait_for_step(sessions, procs, logs, 2)
         procs[1].send_signal(sig)
         killed = time.monotonic()
         code = procs[0].wait(timeout=timeout + 30)
@@ -345,3 +356,34 @@ def test_one_process_is_no_group_and_a_group_needs_torchrun(monkeypatch: pytest.
         DataParallelError, match="MASTER_ADDR, MASTER_PORT unset: start the trainer with torchrun"
     ):
         data_parallel_from_env(timeout_seconds=5.0, device="cpu")
+
+
+def test_a_rank_asked_to_stop_stops_every_rank_at_the_same_step(
+    loop_settings: Settings, redis: Any, tmp_path: Path
+) -> None:
+    """SIGTERM to one rank only (one host's torchrun stopped): the ranks agree to stop after the step in
+    hand, rank 0 checkpoints it, and every rank exits cleanly (rank 0's loop too, instead of resuming
+    the round with the others)."""
+    settings = labelled(loop_settings, redis)
+    sessions = make_session_factory(make_engine(settings.database_url))
+    env = trainer_env(settings, steps_per_round=100_000, checkpoint_every=100_000)
+    procs, logs = start_ranks(env, tmp_path, once=False)
+    try:
+        wait_for_step(sessions, procs, logs, 2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts
+    assert "another rank asked to stop: every rank stops" in texts[0]
+    assert texts[0].count("stopped at step") == 1, "rank 0 went on with the round"
+    steps = [int(text.split("stopped at step ")[1].split("/")[0]) for text in texts]
+    assert steps[0] == steps[1] >= 2, steps
+    with sessions() as session:
+        (round_,) = session.scalars(select(TrainingRound)).all()
+        assert round_.status == "running"
+    ckpt_path = Path(settings.blob_dir) / "rounds" / str(round_.id) / "checkpoint.pt"
+    assert torch.load(io.BytesIO(ckpt_path.read_bytes()), weights_only=False)["step"] == steps[0]
