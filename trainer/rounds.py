@@ -504,8 +504,13 @@ class Trainer:
             len(cache),
             cache.evictions,
         )
+        hit_rate = cache.hit_rate()
         if self.parallel is not None:
             self.parallel.check_same(self.policy.lora_parameters())
+            # each rank caches the rows of its own shares: the round's rate is over all ranks' lookups
+            counts = self.parallel.gather("sharing the reference cache counts", (cache.hits, cache.misses))
+            hits, misses = (sum(c[i] for c in counts) for i in (0, 1))
+            hit_rate = hits / max(hits + misses, 1)
             if not self.parallel.leader:
                 return self._hear_leader("waiting for rank 0 to publish")  # type: ignore[no-any-return]
         summary = metrics.summary() | {
@@ -518,7 +523,7 @@ class Trainer:
             "sampled_steps": cfg.sampled_steps,
             "lr_schedule": cfg.lr_schedule,
             "lr_last": scheduled_lr(cfg, cfg.steps_per_round - 1),
-            "reference_cache_hit_rate": cache.hit_rate(),
+            "reference_cache_hit_rate": hit_rate,
         }
         if self.evaluate is not None:
             summary |= self.evaluate(self.policy)
