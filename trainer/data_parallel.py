@@ -16,6 +16,9 @@ copies of the trainer. Each one:
    the adapters stay identical (the all-reduce hands every rank the same sums);
 4. before rank 0 publishes, checks that every rank ended with the same adapter.
 
+A stop asked of any rank (SIGTERM) travels with each step's metrics and with rank 0's messages, so
+every rank stops after the same step, where rank 0 checkpoints, and every rank's loop ends.
+
 A collective that fails (a peer died, or the timeout passed) raises `DataParallelError`; the trainer
 exits non-zero with its one-line message. Nothing is published (rank 0 publishes only after the last
 step and a barrier), and the next start, with any number of processes, resumes from the checkpoint.
