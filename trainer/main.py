@@ -33,6 +33,7 @@ from core.diffusion.policy import AdapterMismatchError, Policy, policy_from_conf
 from core.heartbeat import Heartbeat
 from core.retention import prune_after_publish
 from core.settings import Settings, SettingsError, load_settings
+from core.storage import BlobStoreUnavailable
 from trainer.data_parallel import DataParallel, DataParallelError, data_parallel_from_env
 from trainer.rounds import RoundAlreadyFinished, Trainer
 
@@ -125,10 +126,17 @@ def serve_rounds(
             except RoundAlreadyFinished as exc:
                 logger.warning("%s", exc)
                 continue
-            except (OperationalError, NoCurrentPolicy) as exc:
-                # Postgres restarting or unreachable: nothing is lost (a running round resumes from its
-                # checkpoint), so wait and try again instead of dying. No current version: wait for one.
-                reason = "database unavailable" if isinstance(exc, OperationalError) else str(exc)
+            except (OperationalError, BlobStoreUnavailable, NoCurrentPolicy) as exc:
+                # Postgres or the object store restarting or unreachable: nothing is lost (a running round
+                # resumes from its checkpoint), so wait and try again instead of dying. No current
+                # version: wait for one.
+                reason = (
+                    "database unavailable"
+                    if isinstance(exc, OperationalError)
+                    else "object store unavailable"
+                    if isinstance(exc, BlobStoreUnavailable)
+                    else str(exc)
+                )
                 logger.warning("%s, retrying in %.0fs: %s", reason, poll_seconds, exc)
                 heartbeat.set("waiting", reason, version=trainer.current_version)
                 stop.wait(poll_seconds)
