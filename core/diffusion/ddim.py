@@ -43,6 +43,10 @@ class DdimSchedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def step_constants(self, i: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(abar_t, abar_prev) of step i, 0-dim, on `device`."""
+        return self.alpha_prod_t[i].to(device), self.alpha_prod_t_prev[i].to(device)
+
     def row_constants(self, step_idx: Tensor) -> tuple[Tensor, Tensor]:
         """(abar_t, abar_prev) for each row's step index, shaped (rows, 1, 1, 1)."""
         step_idx = step_idx.to("cpu")

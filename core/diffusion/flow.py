@@ -49,6 +49,10 @@ class FlowSchedule:
         below = self.sigmas[self.sigmas < 1]
         return below[0] if below.numel() else self.sigmas[0]
 
+    def step_constants(self, i: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(sigma_i, sigma_{i+1}) of step i, 0-dim, on `device`."""
+        return self.sigmas[i].to(device), self.sigmas[i + 1].to(device)
+
     def row_constants(self, step_idx: Tensor) -> tuple[Tensor, Tensor]:
         """(sigma_i, sigma_{i+1}) for each row's step index, shaped (rows, 1, 1, 1)."""
         step_idx = step_idx.to("cpu")

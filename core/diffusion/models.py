@@ -192,14 +192,16 @@ def tiny_text_encoder_config(**overrides: Any) -> CLIPTextConfig:
     return CLIPTextConfig(**config)
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(latent_channels: int = 4, **flow: Any) -> AutoencoderKL:
+    """The 2-block VAE of the tiny models; `flow` adds SD3/FLUX's options (shift, no quant convs)."""
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
+        **flow,
     )
 
 
@@ -280,18 +282,9 @@ def _tiny_pipeline(kind: Family) -> Pipeline:
 
 
 def tiny_flow_vae() -> AutoencoderKL:
-    """The 2-block VAE with SD3/FLUX's 16 latent channels, shift and scale, and no quant convs."""
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+    """The tiny VAE with SD3/FLUX's 16 latent channels, shift and scale, and no quant convs."""
+    return tiny_vae(
+        16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
     )
 
 

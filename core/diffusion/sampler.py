@@ -39,10 +39,9 @@ from core.diffusion.ddim import (
     DdimSchedule,
     Reduction,
     ddim_schedule,
-    ddim_step_mean,
     gaussian_log_prob,
 )
-from core.diffusion.flow import FlowSchedule, flow_schedule, flow_step_mean
+from core.diffusion.flow import FlowSchedule, flow_schedule
 from core.diffusion.models import FLOW_FAMILIES, Pipeline, denoiser, family_of
 
 # The schedule of either family: DDIM (SD, SDXL) or flow matching (SD3, FLUX).
@@ -286,14 +285,7 @@ def sample_trajectories(
     )
     latents = randn_tensor(shape, generator=z0_generators, device=device, dtype=cond.cond.dtype)
     # 2. the reverse chain: step i takes z_i to z_{i+1}
-    if isinstance(schedule, DdimSchedule):
-        trajectory, log_probs = _ddim_chain(
-            pipe, latents, schedule, cond, settings, generators, deterministic
-        )
-    else:
-        trajectory, log_probs = _flow_chain(
-            pipe, latents, schedule, cond, settings, generators, deterministic
-        )
+    trajectory, log_probs = _chain(pipe, latents, schedule, cond, settings, generators, deterministic)
     # 3. decode z_N
     images = decode_latents(pipe, trajectory[-1])
     return TrajectoryBatch(
@@ -315,63 +307,31 @@ def latent_channels(pipe: Pipeline) -> int:
     return int(denoiser(pipe).config.in_channels)
 
 
-def _ddim_chain(
+def _chain(
     pipe: Pipeline,
     latents: Tensor,
-    schedule: DdimSchedule,
+    schedule: StepSchedule,
     cond: Conditioning,
     settings: SamplerSettings,
     generators: list[torch.Generator],
     deterministic: bool,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    device = latents.device
+    """z_0 .. z_N and each step's log-prob. The step's arithmetic is the schedule's: DDIM in the
+    latents' dtype, as the stock scheduler; flow matching in float32, the latents cast to the
+    denoiser's dtype only for its call."""
+    device, dtype = latents.device, latents.dtype
     trajectory, log_probs = [latents], []
-    alpha_t = schedule.alpha_prod_t.to(device)
-    alpha_prev = schedule.alpha_prod_t_prev.to(device)
     eta = 0.0 if deterministic else settings.eta
+    scale = schedule.timestep_scale if isinstance(schedule, FlowSchedule) else 1.0
     for i, t in enumerate(schedule.timesteps.to(device)):
-        eps = predict(pipe, latents, t, cond, settings.guidance_scale)
-        mean, std = ddim_step_mean(
-            eps, latents, alpha_t[i], alpha_prev[i], eta=eta, prediction_type=schedule.prediction_type
-        )
+        pred = predict(pipe, latents.to(dtype), t, cond, settings.guidance_scale, timestep_scale=scale)
+        a, b = schedule.step_constants(i, device)
+        mean, std = schedule.step(pred, latents, a, b, eta=eta)
         if deterministic:
-            latents = mean
+            latents = mean.to(pred.dtype)  # the stock schedulers return the model output's dtype
             log_probs.append(torch.zeros(latents.shape[0], device=device))
         else:
-            noise = randn_tensor(eps.shape, generator=generators, device=device, dtype=eps.dtype)
-            latents = mean + std * noise
-            log_probs.append(gaussian_log_prob(latents, mean, std, reduction=settings.reduction))
-        trajectory.append(latents)
-    return trajectory, log_probs
-
-
-def _flow_chain(
-    pipe: Pipeline,
-    latents: Tensor,
-    schedule: FlowSchedule,
-    cond: Conditioning,
-    settings: SamplerSettings,
-    generators: list[torch.Generator],
-    deterministic: bool,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The SDE chain in float32 (latents are cast to the denoiser's dtype only for its call)."""
-    device = latents.device
-    dtype = latents.dtype
-    trajectory, log_probs = [latents], []
-    sigmas = schedule.sigmas.to(device)
-    noise_level = 0.0 if deterministic else settings.eta
-    for i, t in enumerate(schedule.timesteps.to(device)):
-        v = predict(
-            pipe, latents.to(dtype), t, cond, settings.guidance_scale, timestep_scale=schedule.timestep_scale
-        )
-        mean, std = flow_step_mean(
-            v, latents, sigmas[i], sigmas[i + 1], sigma_max=schedule.sigma_max, noise_level=noise_level
-        )
-        if deterministic:
-            latents = mean.to(v.dtype)  # the stock scheduler returns the model output's dtype
-            log_probs.append(torch.zeros(latents.shape[0], device=device))
-        else:
-            noise = randn_tensor(mean.shape, generator=generators, device=device, dtype=torch.float32)
+            noise = randn_tensor(mean.shape, generator=generators, device=device, dtype=mean.dtype)
             latents = mean + std * noise
             log_probs.append(gaussian_log_prob(latents, mean, std, reduction=settings.reduction))
         trajectory.append(latents)
