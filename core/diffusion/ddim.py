@@ -39,6 +39,9 @@ class DdimSchedule:
     alpha_prod_t_prev: Tensor  # (num_steps,) float32, abar at the step it lands on
     prediction_type: PredictionType
 
+    # what the denoiser is given is the timestep itself (FlowSchedule's FLUX divides it by 1000)
+    timestep_scale = 1.0
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])

@@ -322,9 +322,10 @@ def _chain(
     device, dtype = latents.device, latents.dtype
     trajectory, log_probs = [latents], []
     eta = 0.0 if deterministic else settings.eta
-    scale = schedule.timestep_scale if isinstance(schedule, FlowSchedule) else 1.0
     for i, t in enumerate(schedule.timesteps.to(device)):
-        pred = predict(pipe, latents.to(dtype), t, cond, settings.guidance_scale, timestep_scale=scale)
+        pred = predict(
+            pipe, latents.to(dtype), t, cond, settings.guidance_scale, timestep_scale=schedule.timestep_scale
+        )
         a, b = schedule.step_constants(i, device)
         mean, std = schedule.step(pred, latents, a, b, eta=eta)
         if deterministic:

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from core.diffusion.conditioning import Conditioning, predict
 from core.diffusion.ddim import gaussian_log_prob, gaussian_log_ratio
-from core.diffusion.flow import FlowSchedule
 from core.diffusion.loss import (
     dense_dpo_loss,
     dense_dpo_loss_exact,
@@ -168,8 +167,14 @@ def _step_mean(
 ) -> tuple[Tensor, Tensor]:
     """(mu, sigma) of the step of `rows` under the denoiser as it is now (policy, or reference inside
     `policy.reference()`)."""
-    scale = schedule.timestep_scale if isinstance(schedule, FlowSchedule) else 1.0
-    pred = predict(policy.pipe, rows.model_in, rows.t, cond, settings.guidance_scale, timestep_scale=scale)
+    pred = predict(
+        policy.pipe,
+        rows.model_in,
+        rows.t,
+        cond,
+        settings.guidance_scale,
+        timestep_scale=schedule.timestep_scale,
+    )
     return schedule.step(pred.float(), rows.latents, rows.a, rows.b, eta=settings.eta)
 
 
